@@ -1,0 +1,142 @@
+"""The client-side defense interface, its registry and composition.
+
+A defense sits between the head and the wire: ``forward(z)`` is what the cloud receives
+(noise, dropout, top-k, ...), ``loss(x, z, y)`` adds a regulariser on the clean features
+(CEM, NoPeek, ...), and ``on_epoch_end`` refreshes any statistics (CEM's k-means).
+Defenses are registered by name with typed keyword parameters so that one syntax,
+``"noise(sigma=0.05)+cem(lam=8)"``, builds them from the CLI, YAML groups and tests alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from sim.spec import CallSpec, SpecError, parse_chain
+
+class DefenseError(ValueError):
+    """A defense spec that cannot be built; the message is one line for the user."""
+
+class Defense(nn.Module):
+    """Base class: the identity with no regulariser. Subclasses override what they change."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see module docstring
+        return z
+
+    def loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Regulariser on the clean features ``z`` of inputs ``x`` with labels ``y``."""
+        return z.new_zeros(())
+
+    def on_epoch_end(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Hook after each local epoch with the clean features of the client's training data."""
+
+    def wants_epoch_features(self) -> bool:
+        """Whether :meth:`on_epoch_end` needs the features (computing them costs a pass)."""
+        return False
+
+    def public_params(self) -> dict[str, Any]:
+        """What a noise-aware attacker is assumed to know (CEM's threat model)."""
+        return {}
+
+class Compose(Defense):
+    """Chains ``forward`` left to right and sums ``loss``: ``dropout(p=0.2)+noise(sigma=0.01)``."""
+
+    name = "compose"
+
+    def __init__(self, parts: list[Defense]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            z = part(z)
+        return z
+
+    def loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return sum((part.loss(x, z, y) for part in self.parts), z.new_zeros(()))
+
+    def on_epoch_end(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        for part in self.parts:
+            part.on_epoch_end(features, labels)
+
+    def wants_epoch_features(self) -> bool:
+        return any(part.wants_epoch_features() for part in self.parts)
+
+    def public_params(self) -> dict[str, Any]:
+        return {f"{i}.{part.name}.{k}": v for i, part in enumerate(self.parts)
+                for k, v in part.public_params().items()}
+
+REGISTRY: dict[str, type[Defense]] = {}
+D = TypeVar("D", bound=type[Defense])
+
+def register(cls: D) -> D:
+    """Class decorator: make a defense buildable by its ``name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+def _check_value(cls: type[Defense], key: str, value: Any) -> Any:
+    """Check one keyword against the constructor's annotation; ints are accepted for floats."""
+    expected = typing.get_type_hints(cls.__init__).get(key)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (float, int, bool, str) and type(value) is not expected:
+        raise DefenseError(
+            f"{cls.name}: parameter '{key}' must be {expected.__name__}, got {value!r}"
+        )
+    return value
+
+def _build_one(spec: CallSpec) -> Defense:
+    cls = REGISTRY.get(spec.name)
+    if cls is None:
+        raise DefenseError(
+            f"unknown defense '{spec.name}'; available: {describe_registry()}"
+        )
+    params = dict(inspect.signature(cls.__init__).parameters)
+    params.pop("self")
+    if spec.args:
+        raise DefenseError(f"{spec.name}: use keyword arguments, e.g. {describe(cls)}")
+    unknown = sorted(set(spec.kwargs) - set(params))
+    if unknown:
+        raise DefenseError(
+            f"{spec.name}: unknown parameter '{unknown[0]}'; accepted: {describe(cls)}"
+        )
+    kwargs = {k: _check_value(cls, k, v) for k, v in spec.kwargs.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise DefenseError(f"{spec.name}: {exc}") from None
+
+def build_defense(text: str) -> Defense:
+    """Build a defense from its spec text; a chain becomes a :class:`Compose`."""
+    try:
+        specs = parse_chain(text)
+    except SpecError as exc:
+        raise DefenseError(f"defense '{text}': {exc}") from None
+    parts = [_build_one(s) for s in specs]
+    parts = [p for p in parts if type(p) is not Defense]  # "none" in a chain adds nothing
+    if len(parts) == 1:
+        return parts[0]
+    return Compose(parts) if parts else Defense()
+
+def describe(cls: type[Defense]) -> str:
+    """``name(param: type = default, ...)`` as shown in error messages and ``--help``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    inner = ", ".join(
+        f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
+        for p in params
+    )
+    return f"{cls.name}({inner})" if params else cls.name
+
+def describe_registry() -> str:
+    return ", ".join(describe(cls) for _, cls in sorted(REGISTRY.items()))
+
+register(Defense)  # "none"
