@@ -1,0 +1,1 @@
+"""Examples of user code the simulator loads by ``module:Class`` specs."""

@@ -1,0 +1,341 @@
+"""Turn a strategy spec string into a constructed Flower Message-API strategy.
+
+A spec names either a class of ``flwr.serverapp.strategy`` (``"FedProx(proximal_mu=0.1)"``),
+a user's own Strategy subclass as ``"path.to.module:Class(max_norm=5.0)"``, or a wrapper
+whose first positional argument is another spec
+(``"DifferentialPrivacyServerSideFixedClipping(FedAvg(), noise_multiplier=0.1,
+clipping_norm=10.0, num_sampled_clients=5)"``).
+
+Every mistake is reported as a one-line :class:`StrategyError` that says what is wrong and
+what would be accepted, and :func:`check_strategy_spec` finds all of them by building the
+strategy once, so a typo fails in milliseconds instead of after Ray has started.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import logging
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import flwr.serverapp.strategy as flwr_strategies
+from flwr.serverapp.strategy import Strategy
+
+from sim.spec import CallSpec, SpecError, parse_call
+
+
+class StrategyError(ValueError):
+    """A strategy spec that cannot be resolved; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class _Params:
+    """What a strategy constructor accepts, as far as its signatures tell.
+
+    ``accepted`` follows ``**kwargs`` forwarding up the MRO (a user subclass written as
+    ``def __init__(self, max_norm, **kwargs): super().__init__(**kwargs)`` accepts FedAvg's
+    keywords too), because defaults and typo detection must see the whole chain.
+    ``positional`` and ``required`` come from the class's own ``__init__`` only: whatever a
+    subclass does with its parent's required arguments is invisible to a signature, and the
+    constructor itself reports those.
+    """
+
+    accepted: tuple[str, ...]
+    hints: dict[str, Any]
+    positional: tuple[str, ...]
+    required: tuple[str, ...]
+
+
+def resolve_strategy(spec: str, defaults: Mapping[str, object] | None = None) -> Strategy:
+    """Build the strategy described by ``spec``.
+
+    ``defaults`` are keyword arguments the simulator wants on every base (non-wrapper)
+    strategy, e.g. ``{"fraction_train": 0.1, "min_available_nodes": 1}``; each is passed only
+    when the class accepts it and the user did not set it. Raises :class:`StrategyError`.
+    """
+    try:
+        call = parse_call(spec)
+    except SpecError as exc:
+        raise StrategyError(f"invalid strategy spec: {_one_line(str(exc))}") from None
+    return _build(call, defaults or {})
+
+
+def check_strategy_spec(spec: str, defaults: Mapping[str, object] | None = None) -> None:
+    """Raise :class:`StrategyError` if ``spec`` cannot be built; build nothing lasting.
+
+    Constructing a strategy is cheap and is the only way to run the constructor's own value
+    checks, so the strategy is built once and discarded, with Flower's construction-time
+    log messages silenced so they appear only when the real strategy is built. Pass the
+    same ``defaults`` as to :func:`resolve_strategy` to also catch a default a class rejects.
+    """
+    with _flwr_logging_disabled():
+        resolve_strategy(spec, defaults)
+
+
+def available_strategies() -> list[str]:
+    """Names of the concrete strategies that ``flwr.serverapp.strategy`` exports."""
+    return sorted(
+        name
+        for name in flwr_strategies.__all__
+        if _is_strategy_class(getattr(flwr_strategies, name))
+        and not inspect.isabstract(getattr(flwr_strategies, name))
+    )
+
+
+def _build(call: CallSpec, defaults: Mapping[str, object]) -> Strategy:
+    """Construct one (possibly wrapping) strategy from its parsed call."""
+    cls = _find_class(call.name)
+    params = _constructor_params(cls)
+    kwargs = _bind_positional(call, params)
+    _reject_unknown(call, kwargs, params)
+    is_wrapper = any(isinstance(v, CallSpec) for v in kwargs.values())
+    kwargs = {
+        key: _build(value, defaults) if isinstance(value, CallSpec) else value
+        for key, value in kwargs.items()
+    }
+    applied = {} if is_wrapper else _accepted_defaults(defaults, params, kwargs)
+    kwargs = {**applied, **kwargs}
+    _reject_missing(call, kwargs, params)
+    _reject_wrong_types(call, kwargs, params)
+    return _construct(call, cls, kwargs, applied)
+
+
+def _find_class(name: str) -> type[Strategy]:
+    """Look ``name`` up as a Flower strategy or as ``module:Class``."""
+    obj = _import_object(name) if ":" in name else _flower_strategy(name)
+    if not _is_strategy_class(obj):
+        what = "a class" if inspect.isclass(obj) else f"a {type(obj).__name__}"
+        raise StrategyError(
+            f"'{name}' is {what}, but a strategy must be a subclass of "
+            "flwr.serverapp.strategy.Strategy"
+        )
+    return obj
+
+
+def _flower_strategy(name: str) -> Any:
+    """Return the ``flwr.serverapp.strategy`` class called ``name``, or explain the options."""
+    available = available_strategies()
+    if name in available:
+        return getattr(flwr_strategies, name)
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        hint = f" (did you mean '{module}:{attr}'?)"
+    else:
+        close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise StrategyError(
+        f"unknown strategy '{name}'{hint}; available: {', '.join(available)}; "
+        "or give your own Strategy subclass as 'path.to.module:Class(...)'"
+    )
+
+
+def _import_object(name: str) -> Any:
+    """Import ``module:attr``; any failure of the user's module becomes one line."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    # A user's module may fail to import with any exception; all of them mean the same.
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        raise StrategyError(
+            f"cannot import module '{module_name}' for strategy '{name}': "
+            f"{type(exc).__name__}: {_one_line(str(exc))}"
+        ) from None
+    if not hasattr(module, attr):
+        defined = sorted(
+            n
+            for n, v in vars(module).items()
+            if _is_strategy_class(v) and v.__module__ == module.__name__
+        )
+        raise StrategyError(
+            f"module '{module_name}' has no attribute '{attr}'; "
+            f"Strategy classes defined there: {', '.join(defined) or 'none'}"
+        )
+    return getattr(module, attr)
+
+
+def _is_strategy_class(obj: object) -> bool:
+    return inspect.isclass(obj) and issubclass(obj, Strategy)
+
+
+def _constructor_params(cls: type) -> _Params:
+    """Collect what ``cls(...)`` accepts from the ``__init__`` chain it forwards through."""
+    inits = _forwarding_inits(cls)
+    signatures = [list(inspect.signature(init).parameters.values())[1:] for init in inits]
+    named = [
+        [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        for params in signatures
+    ]
+    own = named[0] if named else []
+    hints: dict[str, Any] = {}
+    for init in reversed(inits):  # a subclass's annotation wins over its parent's
+        hints.update(_type_hints(init))
+    return _Params(
+        accepted=tuple(dict.fromkeys(p.name for params in named for p in params)),
+        hints=hints,
+        positional=tuple(
+            p.name for p in own if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ),
+        required=tuple(p.name for p in own if p.default is p.empty),
+    )
+
+
+def _forwarding_inits(cls: type) -> list[Any]:
+    """The ``__init__`` of ``cls`` and, while each takes ``**kwargs``, its parents' ones.
+
+    ``object.__init__`` accepts nothing, so the chain stops before it.
+    """
+    inits: list[Any] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            break
+        inits.append(init)
+        kinds = {p.kind for p in inspect.signature(init).parameters.values()}
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            break
+    return inits
+
+
+def _type_hints(func: Any) -> dict[str, Any]:
+    """Resolved annotations of ``func``; none when a user's annotations do not resolve.
+
+    Annotations only sharpen the error messages, so one that names something missing
+    (any exception ``get_type_hints`` may raise) must not stop the strategy from loading.
+    """
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # pylint: disable=broad-exception-caught
+        return {}
+
+
+def _bind_positional(call: CallSpec, params: _Params) -> dict[str, Any]:
+    """Name the positional arguments so that every later check works on keywords."""
+    if len(call.args) > len(params.positional):
+        raise StrategyError(
+            f"'{call.name}' takes at most {len(params.positional)} positional argument(s) "
+            f"({', '.join(params.positional) or 'none'}), got {len(call.args)} in '{call}'"
+        )
+    named = dict(zip(params.positional, call.args))
+    twice = [key for key in named if key in call.kwargs]
+    if twice:
+        raise StrategyError(f"'{call.name}' got {', '.join(twice)} twice in '{call}'")
+    return {**named, **call.kwargs}
+
+
+def _reject_unknown(call: CallSpec, kwargs: Mapping[str, Any], params: _Params) -> None:
+    unknown = [key for key in kwargs if key not in params.accepted]
+    if unknown:
+        raise StrategyError(
+            f"'{call.name}' has no argument(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(params.accepted) or 'none'}"
+        )
+
+
+def _accepted_defaults(
+    defaults: Mapping[str, object], params: _Params, given: Mapping[str, Any]
+) -> dict[str, object]:
+    """The simulator's defaults that the class accepts and the user left unset."""
+    return {
+        key: value
+        for key, value in defaults.items()
+        if key in params.accepted and key not in given
+    }
+
+
+def _reject_missing(call: CallSpec, kwargs: Mapping[str, Any], params: _Params) -> None:
+    missing = [key for key in params.required if key not in kwargs]
+    if missing:
+        raise StrategyError(
+            f"'{call.name}' is missing required argument(s) {', '.join(missing)} in '{call}'"
+        )
+
+
+def _reject_wrong_types(call: CallSpec, kwargs: Mapping[str, Any], params: _Params) -> None:
+    """Check values against simple annotations; constructors rarely check types themselves.
+
+    ``FedProx(proximal_mu='abc')`` would otherwise be built and ship ``'abc'`` to every
+    client. Only plain classes (and unions of them) are checked; anything more elaborate,
+    such as a ``Callable``, is left to the constructor.
+    """
+    for key, value in kwargs.items():
+        hint = params.hints.get(key)
+        if hint is not None and _matches(value, hint) is False:
+            raise StrategyError(
+                f"'{call.name}' argument {key}={value!r} should be {_describe(hint)}"
+            )
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits ``hint``; ``None`` when the hint is too elaborate to tell."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    undecided = False
+    for option in options:
+        if option is type(None):
+            if value is None:
+                return True
+        elif typing.get_origin(option) is None and inspect.isclass(option):
+            if _is_instance(value, option):
+                return True
+        else:
+            undecided = True
+    return None if undecided else False
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _is_instance(value: Any, cls: type) -> bool:
+    """``isinstance`` with Python's numeric tower: an int is a float, a bool is neither."""
+    if isinstance(value, bool) and cls in (int, float):
+        return False
+    if cls is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, cls)
+
+
+def _describe(hint: Any) -> str:
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    return " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "None") for o in options)
+
+
+def _construct(
+    call: CallSpec, cls: type[Strategy], kwargs: dict[str, Any], applied: Mapping[str, object]
+) -> Strategy:
+    """Call the constructor, turning its own argument checks into one-line errors.
+
+    The defaults the simulator added are named in the message: the user did not write
+    them, so without that an error about them would be a puzzle.
+    """
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        added = ", ".join(f"{key}={value!r}" for key, value in applied.items())
+        note = f" (plus the simulator's defaults {added})" if added else ""
+        raise StrategyError(
+            f"'{call.name}' rejected its arguments in '{call}'{note}: {_one_line(str(exc))}"
+        ) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextmanager
+def _flwr_logging_disabled() -> Iterator[None]:
+    """Silence the ``flwr`` logger while a throw-away strategy is built."""
+    logger = logging.getLogger("flwr")
+    was_disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was_disabled
