@@ -1,0 +1,105 @@
+"""The adversary's view: what the curious cloud keeps of the features it receives.
+
+Per client, a bounded reservoir (Vitter's algorithm R) of ``(sample id, z)`` exactly as they
+arrived, from the latest round in which that client trained: an attack at round r pairs those
+features with that round's aggregated head. Sample ids index the dataset's train split, so a
+separate scorer can map each feature back to its true image; attacker code sees only ids and
+features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Reservoir:
+    """Uniform sample of at most ``capacity`` rows of a stream, reproducible from ``seed``."""
+
+    capacity: int
+    seed: int
+    round: int = 0
+    seen: int = 0
+    ids: list[int] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def add(self, sample_ids: np.ndarray, z: np.ndarray) -> None:
+        """Offer a batch; each row is kept with probability capacity / rows seen so far."""
+        for sid, row in zip(sample_ids.tolist(), z):
+            if len(self.ids) < self.capacity:
+                self.ids.append(sid)
+                self.rows.append(row.copy())
+            else:
+                j = int(self._rng.integers(0, self.seen + 1))
+                if j < self.capacity:
+                    self.ids[j] = sid
+                    self.rows[j] = row.copy()
+            self.seen += 1
+
+    def arrays(self, feature_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(self.ids, dtype=np.int64)
+        z = np.stack(self.rows) if self.rows else np.zeros((0, *feature_shape), np.float32)
+        return ids, z
+
+
+@dataclass
+class ClientView:
+    """Everything the cloud saw of one client, in plain arrays (easy to ship through Ray)."""
+
+    partition_id: int
+    group: int
+    cut: int  # the client's cut layer: clients cut differently send features of other shapes
+    round: int
+    sample_ids: np.ndarray  # (n,) int64, indices into the train split
+    features: np.ndarray  # (n, C, H, W) float32, as received (after the client's defense)
+    seen: int  # features received in that round, of which ``n`` are kept
+    bytes_received: int  # cumulative over the run: features and labels sent by the client
+    bytes_sent: int  # cumulative over the run: gradients returned to the client
+
+
+class FeatureStore:
+    """The cloud's memory of every client, keyed by partition id (stable across runs)."""
+
+    def __init__(self) -> None:
+        self.clients: dict[int, ClientView] = {}
+        self._bytes: dict[int, tuple[int, int]] = {}
+
+    def put(self, view: ClientView) -> None:
+        """Replace a client's features with those of its latest round; add up its bytes."""
+        old_in, old_out = self._bytes.get(view.partition_id, (0, 0))
+        total = (old_in + view.bytes_received, old_out + view.bytes_sent)
+        self._bytes[view.partition_id] = total
+        view.bytes_received, view.bytes_sent = total
+        self.clients[view.partition_id] = view
+
+    def save(self, path: str) -> None:
+        """Write the view as one ``.npz`` of flat arrays (no pickle), ordered by partition id.
+
+        Features of different cut layers have different shapes, so every array is stored per
+        cut: ``features_c4``, ``sample_ids_c4``, ... and ``cuts`` lists the cuts present.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        cuts = sorted({v.cut for v in self.clients.values()})
+        for cut in cuts:
+            views = [self.clients[p] for p in sorted(self.clients) if self.clients[p].cut == cut]
+            n = [len(v.sample_ids) for v in views]
+            arrays[f"client_ids_c{cut}"] = np.repeat([v.partition_id for v in views], n).astype(np.int64)
+            arrays[f"group_ids_c{cut}"] = np.repeat([v.group for v in views], n).astype(np.int64)
+            arrays[f"rounds_c{cut}"] = np.repeat([v.round for v in views], n).astype(np.int64)
+            arrays[f"sample_ids_c{cut}"] = np.concatenate([v.sample_ids for v in views])
+            arrays[f"features_c{cut}"] = np.concatenate([v.features for v in views])
+        np.savez_compressed(path, cuts=np.asarray(cuts, np.int64), **arrays)
+
+
+VIEW_FIELDS = ("client_ids", "group_ids", "rounds", "sample_ids", "features")
+
+
+def load_view(path: str) -> dict[int, dict[str, np.ndarray]]:
+    """Read a saved view: per cut layer, the arrays of :data:`VIEW_FIELDS` (row-aligned)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {int(c): {f: data[f"{f}_c{c}"] for f in VIEW_FIELDS} for c in data["cuts"]}

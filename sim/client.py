@@ -1,0 +1,217 @@
+"""A client's local split training, as plain functions (the Flower ClientApp wraps them).
+
+Everything a client needs that is the same for all clients of a run (config, the dataset, the
+partitions, the cloud's handle) is a :class:`Runtime`, built once per process from the cloud
+actor and cached: the dataset lives once in Ray's object store and is read zero-copy, never
+copied per client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from defenses import build_defense
+from sim.cloud import CloudSession, make_optimizer, reservoir_seed
+from attacks.view import Reservoir
+from sim.config import GroupConfig, SimConfig, config_from_dict
+from sim.models import SplitSpec, build_head, build_tail, load_numpy_state, state_to_numpy
+
+
+@dataclass
+class Runtime:
+    """What every client of a run shares, resolved once per process."""
+
+    config: SimConfig
+    groups: list[GroupConfig]
+    group_of: list[int]
+    specs: dict[int, SplitSpec]
+    cloud: Any  # ray ActorHandle
+    train_x: np.ndarray  # (N, H, W, C) uint8, read-only view into the object store
+    train_y: np.ndarray
+    partitions: list[tuple[np.ndarray, np.ndarray]]  # per partition id: (train, holdout) ids
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def inputs(self, ids: np.ndarray) -> torch.Tensor:
+        """Normalised model inputs (B, C, H, W) for train-split sample ids."""
+        x = torch.from_numpy(self.train_x[ids]).permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+_RUNTIMES: dict[tuple[str, str], Runtime] = {}
+
+
+def get_runtime(cloud_name: str, namespace: str) -> Runtime:
+    """The cached runtime of the run whose cloud actor is ``cloud_name``."""
+    key = (cloud_name, namespace)
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one run per process at a time: drop an earlier run's data
+        cloud = ray.get_actor(cloud_name, namespace=namespace)
+        _RUNTIMES[key] = runtime_from_setup(ray.get(cloud.setup.remote()), cloud)
+    return _RUNTIMES[key]
+
+
+def runtime_from_setup(setup: dict[str, Any], cloud: Any) -> Runtime:
+    cfg = config_from_dict(setup["config"])
+    train_x, train_y, partitions = ray.get([setup["train_x"], setup["train_y"], setup["partitions"]])
+    shape = (1, -1, 1, 1)
+    return Runtime(
+        config=cfg,
+        groups=cfg.resolved_groups(),
+        group_of=cfg.group_of(),
+        specs={cut: SplitSpec(**s) for cut, s in setup["specs"].items()},
+        cloud=cloud,
+        train_x=train_x,
+        train_y=train_y,
+        partitions=partitions,
+        mean=torch.tensor(setup["mean"], dtype=torch.float32).view(shape),
+        std=torch.tensor(setup["std"], dtype=torch.float32).view(shape),
+    )
+
+
+def client_seed(seed: int, round_: int, partition_id: int) -> int:
+    """One seed per (run seed, round, client): reproducible whichever actor runs the client."""
+    return int(np.random.SeedSequence([seed, round_, partition_id]).generate_state(1)[0])
+
+
+class _LocalTail:
+    """SFL-v1: the client's tail copy runs here, through the cloud's own session class."""
+
+    def __init__(self, rt: Runtime, pid: int, group: int, cut: int, round_: int) -> None:
+        tail = build_tail(rt.specs[cut])
+        load_numpy_state(tail, _global_tail(rt, cut, round_))
+        reservoir = Reservoir(rt.config.reservoir, reservoir_seed(rt.config.seed, round_, pid))
+        self.session = CloudSession(tail, make_optimizer(tail.parameters(), rt.config.lr), reservoir)
+        self.rt, self.pid, self.group, self.cut, self.round = rt, pid, group, cut, round_
+
+    def train_batch(self, ids: np.ndarray, z: np.ndarray, y: np.ndarray, last: bool) -> tuple[np.ndarray, float, int]:
+        return self.session.train_batch(ids, z, y)
+
+    def predict(self, z: np.ndarray, last: bool) -> np.ndarray:
+        return self.session.predict(z)
+
+    def finish(self, num_examples: int) -> None:
+        view = self.session.view(self.pid, self.group, self.cut, self.round,
+                                 self.rt.specs[self.cut].feature_shape)
+        ray.get(self.rt.cloud.submit.remote(self.pid, self.cut, state_to_numpy(self.session.tail),
+                                            num_examples, view))
+
+
+class _RemoteTail:
+    """SFL-v2: every batch goes to the cloud actor's shared tail."""
+
+    def __init__(self, rt: Runtime, pid: int) -> None:
+        self.cloud, self.pid = rt.cloud, pid
+
+    def train_batch(self, ids: np.ndarray, z: np.ndarray, y: np.ndarray, last: bool) -> tuple[np.ndarray, float, int]:
+        return ray.get(self.cloud.train_batch.remote(self.pid, ids, z, y, last))
+
+    def predict(self, z: np.ndarray, last: bool) -> np.ndarray:
+        return ray.get(self.cloud.predict.remote(self.pid, z, last))
+
+    def finish(self, num_examples: int) -> None:
+        """Nothing to hand over: the shared tail was updated batch by batch."""
+
+
+_TAIL_CACHE: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+
+def _global_tail(rt: Runtime, cut: int, round_: int) -> dict[str, np.ndarray]:
+    """The round's global tail, fetched once per process and round (all clients share it)."""
+    if (cut, round_) not in _TAIL_CACHE:
+        _TAIL_CACHE.clear()
+        _TAIL_CACHE[(cut, round_)] = ray.get(rt.cloud.tail_state.remote(cut))
+    return _TAIL_CACHE[(cut, round_)]
+
+
+def _batches(ids: np.ndarray, size: int) -> list[np.ndarray]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray],
+                proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train one client's head for its group's local epochs against the cloud's tail.
+
+    Returns the new head state and the client's metrics (loss, held-out accuracy, bytes).
+    """
+    group_idx = rt.group_of[pid]
+    group = rt.groups[group_idx]
+    cut = int(group.cut)
+    torch.manual_seed(client_seed(rt.config.seed, round_, pid))
+    rng = np.random.default_rng(client_seed(rt.config.seed, round_, pid))
+    head = build_head(rt.specs[cut])
+    load_numpy_state(head, head_state)
+    global_params = [p.detach().clone() for p in head.parameters()] if proximal_mu > 0 else []
+    defense = build_defense(str(group.defense))
+    optimizer = make_optimizer(list(head.parameters()) + list(defense.parameters()), rt.config.lr)
+    tail = (_LocalTail(rt, pid, group_idx, cut, round_) if rt.config.protocol == "sflv1"
+            else _RemoteTail(rt, pid))
+    train_ids, holdout_ids = rt.partitions[pid]
+    train_batches = [b for _ in range(int(group.epochs))
+                     for b in _batches(rng.permutation(train_ids), int(group.batch_size))]
+    holdout_batches = _batches(holdout_ids, 512)
+    epoch_len = len(_batches(train_ids, int(group.batch_size)))
+    loss_sum = hits = seen = 0.0
+    sent = received = 0
+    head.train()
+    defense.train()
+    for i, ids in enumerate(train_batches):
+        x = rt.inputs(ids)
+        y = rt.train_y[ids]
+        z = head(x)
+        z_sent = defense(z)
+        last = not holdout_batches and i == len(train_batches) - 1
+        payload = z_sent.detach().numpy()
+        grad, loss, correct = tail.train_batch(ids, payload, y, last)
+        sent += payload.nbytes + y.nbytes
+        received += grad.nbytes
+        objective = (z_sent * torch.from_numpy(grad)).sum() + defense.loss(x, z, torch.from_numpy(y))
+        if proximal_mu > 0:
+            objective = objective + proximal_mu / 2 * sum(
+                (p - g).pow(2).sum() for p, g in zip(head.parameters(), global_params))
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        loss_sum += loss * len(ids)
+        hits += correct
+        seen += len(ids)
+        if defense.wants_epoch_features() and (i + 1) % epoch_len == 0:
+            _epoch_end(rt, head, defense, train_ids)
+    head.eval()
+    defense.eval()
+    holdout_hits = 0
+    with torch.no_grad():
+        for j, ids in enumerate(holdout_batches):
+            payload = defense(head(rt.inputs(ids))).numpy()
+            pred = tail.predict(payload, j == len(holdout_batches) - 1)
+            sent += payload.nbytes
+            received += pred.nbytes
+            holdout_hits += int((pred == rt.train_y[ids]).sum())
+    tail.finish(len(train_ids))
+    metrics = {
+        "num-examples": len(train_ids),
+        "loss": loss_sum / seen,
+        "train-accuracy": hits / seen,
+        "accuracy": holdout_hits / len(holdout_ids) if len(holdout_ids) else float("nan"),
+        "holdout-examples": len(holdout_ids),
+        "partition-id": pid,
+        "group": group_idx,
+        "batches": len(train_batches),
+        "bytes-sent": sent,
+        "bytes-received": received,
+    }
+    return state_to_numpy(head), metrics
+
+
+def _epoch_end(rt: Runtime, head: torch.nn.Module, defense: Any, train_ids: np.ndarray) -> None:
+    """Hand the defense the clean features of the client's training data (CEM's k-means)."""
+    head.eval()
+    with torch.no_grad():
+        feats = torch.cat([head(rt.inputs(b)) for b in _batches(train_ids, 512)])
+    defense.on_epoch_end(feats, torch.from_numpy(rt.train_y[train_ids]))
+    head.train()

@@ -1,0 +1,50 @@
+"""The Flower ClientApp: one ``train`` message = one client's whole local round.
+
+A client's persistent state lives in ``context.state`` only (Flower has no actor affinity, and
+the Context travels with every message, so it stays small); the data and the cloud's handle come
+from the process-wide :class:`sim.client.Runtime`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch  # noqa: F401  (ArrayRecord's torch conversions need torch imported; notes pitfall 2)
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
+
+from sim.client import get_runtime, local_train
+from sim.records import from_record, record_bytes, to_record
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (node ids are random)."""
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"info": ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    arrays = next(iter(msg.content.array_records.values()))
+    config = next(iter(msg.content.config_records.values()))
+    torch.set_num_threads(1)  # one torch thread per actor: more collapse on busy cores (notes)
+    rt = get_runtime(str(config["cloud"]), str(config["namespace"]))
+    pid = int(context.node_config["partition-id"])
+    head_in = from_record(arrays)
+    head_out, metrics = local_train(rt, pid, int(config["round"]), head_in,
+                                    proximal_mu=float(config.get("proximal-mu", 0.0)))
+    if KEY_CLIPPING_NORM in config:  # Flower's client-side DP wrapper asks clients to clip
+        keys = list(head_out)
+        clipped = [head_out[k] for k in keys]
+        compute_clip_model_update(clipped, [head_in[k] for k in keys], float(config[KEY_CLIPPING_NORM]))
+        head_out = dict(zip(keys, clipped))
+    reply_arrays = to_record(head_out)
+    metrics["bytes-sent"] += record_bytes(reply_arrays)
+    metrics["bytes-received"] += record_bytes(arrays)
+    metrics["seconds"] = time.perf_counter() - t0
+    return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

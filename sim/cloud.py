@@ -1,0 +1,194 @@
+"""The cloud: the tail's compute and the adversary's recording, as a plain class and a Ray actor.
+
+:class:`CloudSession` is the one place that runs the tail on received features and records
+them: one client's exchange with the cloud during one round. Where it runs depends on the
+protocol (DESIGN.md, data plane):
+
+* ``sflv1`` (a tail copy per client, averaged after the round): the session runs co-located in
+  the client's actor on a copy of the global tail (no per-batch remote call), then
+  :meth:`CloudActor.submit` hands the copy and the recorded features to the cloud actor.
+* ``sflv2`` (one shared tail): every batch goes to the cloud actor, which serves the clients of
+  a wave in a seeded round-robin order, so the shared tail sees batches in an order fixed by the
+  seed rather than by which actor happens to call first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.view import ClientView, FeatureStore, Reservoir
+from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
+
+LABEL_BYTES = 8  # labels travel as int64
+
+
+def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+    """The optimiser of heads and tails alike (Adam, as in the calibration runs)."""
+    return torch.optim.Adam(params, lr=lr)
+
+
+class CloudSession:
+    """One client's exchange with a tail in one round: train steps, predictions, the record."""
+
+    def __init__(self, tail: nn.Module, optimizer: torch.optim.Optimizer, reservoir: Reservoir) -> None:
+        self.tail = tail
+        self.optimizer = optimizer
+        self.reservoir = reservoir
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    def train_batch(self, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """Record z, run the tail, step it, and return dL/dz with the batch loss and hits."""
+        self.reservoir.add(sample_ids, z)
+        self.bytes_received += z.nbytes + len(y) * LABEL_BYTES
+        zt = torch.from_numpy(z).requires_grad_(True)
+        yt = torch.from_numpy(y)
+        self.tail.train()
+        out = self.tail(zt)
+        loss = F.cross_entropy(out, yt)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        grad = zt.grad.numpy()
+        self.bytes_sent += grad.nbytes
+        return grad, float(loss.detach()), int((out.argmax(1) == yt).sum())
+
+    @torch.no_grad()
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        """Class predictions for features (the client's held-out accuracy); not recorded."""
+        self.tail.eval()
+        return self.tail(torch.from_numpy(z)).argmax(1).numpy()
+
+    def view(self, partition_id: int, group: int, cut: int, round_: int,
+             feature_shape: tuple[int, ...]) -> ClientView:
+        ids, z = self.reservoir.arrays(feature_shape)
+        return ClientView(partition_id, group, cut, round_, ids, z, self.reservoir.seen,
+                          self.bytes_received, self.bytes_sent)
+
+
+def reservoir_seed(seed: int, round_: int, partition_id: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, partition_id, 7]).generate_state(1)[0])
+
+
+def average_states(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Weighted mean of float states, summed in the given order (callers sort for determinism)."""
+    total = float(sum(weights))
+    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)).astype(np.float32)
+            for k in states[0]}
+
+
+@dataclass
+class _Pending:
+    """An SFL-v1 client's round result, held until the server closes the round."""
+
+    cut: int
+    state: dict[str, np.ndarray]
+    num_examples: int
+    view: ClientView
+
+
+@ray.remote(num_cpus=0)
+class CloudActor:
+    """The cloud as a named Ray actor: global tails, the SFL-v2 shared tail, the recorded view.
+
+    It asks for no CPU of its own: Flower sizes its client actor pool from the cluster's total
+    CPUs, and a cloud holding a CPU would starve that pool (shared/notes/flower-ray.md).
+    """
+
+    def __init__(self, setup: dict[str, Any], tails: dict[int, dict[str, np.ndarray]]) -> None:
+        torch.set_num_threads(1)
+        self._setup = setup
+        cfg = setup["config"]
+        self.seed, self.lr, self.capacity = cfg["seed"], cfg["lr"], cfg["reservoir"]
+        self.specs = {cut: SplitSpec(**spec) for cut, spec in setup["specs"].items()}
+        self.tails: dict[int, nn.Module] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        for cut, state in tails.items():
+            self.tails[cut] = build_tail(self.specs[cut])
+            load_numpy_state(self.tails[cut], state)
+            self.optimizers[cut] = make_optimizer(self.tails[cut].parameters(), self.lr)
+        self.store = FeatureStore()
+        self.pending: dict[int, _Pending] = {}
+        # SFL-v2 turn-taking state.
+        self._order: list[int] = []
+        self._turn = 0
+        self._cond = asyncio.Condition()
+        self._sessions: dict[int, tuple[CloudSession, int, int, int]] = {}
+
+    async def setup(self) -> dict[str, Any]:
+        """The run's config and the object refs of the shared data, for client actors."""
+        return self._setup
+
+    async def tail_state(self, cut: int) -> dict[str, np.ndarray]:
+        return state_to_numpy(self.tails[cut])
+
+    # ------------------------------------------------------------------------------ SFL-v1
+
+    async def submit(self, partition_id: int, cut: int, state: dict[str, np.ndarray],
+                     num_examples: int, view: ClientView) -> None:
+        """An SFL-v1 client's trained tail copy and what the cloud recorded of it."""
+        self.pending[partition_id] = _Pending(cut, state, num_examples, view)
+
+    async def end_round(self, completed: list[int]) -> None:
+        """Average the tail copies of the clients that completed the round; keep their views.
+
+        Clients outside ``completed`` (failed or timed out) are discarded entirely.
+        """
+        done = [p for p in sorted(completed) if p in self.pending]
+        for cut in sorted({self.pending[p].cut for p in done}):
+            members = [self.pending[p] for p in done if self.pending[p].cut == cut]
+            avg = average_states([m.state for m in members], [m.num_examples for m in members])
+            load_numpy_state(self.tails[cut], avg)
+        for p in done:
+            self.store.put(self.pending[p].view)
+        self.pending.clear()
+
+    # ------------------------------------------------------------------------------ SFL-v2
+
+    async def begin_wave(self, round_: int, wave: list[tuple[int, int, int]]) -> None:
+        """Open a wave of (partition id, group, cut); batches are served round-robin in order."""
+        torch.manual_seed(reservoir_seed(self.seed, round_, wave[0][0]))
+        self._order = [pid for pid, _, _ in wave]
+        self._turn = 0
+        for pid, group, cut in wave:
+            session = CloudSession(self.tails[cut], self.optimizers[cut],
+                                   Reservoir(self.capacity, reservoir_seed(self.seed, round_, pid)))
+            self._sessions[pid] = (session, group, cut, round_)
+
+    async def _call(self, pid: int, last: bool, fn: Any) -> Any:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._order and self._order[self._turn] == pid)
+            result = fn(self._sessions[pid][0])
+            if last:
+                self._order.pop(self._turn)
+                session, group, cut, round_ = self._sessions.pop(pid)
+                self.store.put(session.view(pid, group, cut, round_, self.specs[cut].feature_shape))
+                if self._turn >= len(self._order):
+                    self._turn = 0
+            else:
+                self._turn = (self._turn + 1) % len(self._order)
+            self._cond.notify_all()
+            return result
+
+    async def train_batch(self, pid: int, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray,
+                          last: bool = False) -> tuple[np.ndarray, float, int]:
+        return await self._call(pid, last, lambda s: s.train_batch(sample_ids, z, y))
+
+    async def predict(self, pid: int, z: np.ndarray, last: bool = False) -> np.ndarray:
+        return await self._call(pid, last, lambda s: s.predict(z))
+
+    # ------------------------------------------------------------------------------ results
+
+    async def views(self) -> dict[int, ClientView]:
+        return dict(self.store.clients)
+
+    async def all_tail_states(self) -> dict[int, dict[str, np.ndarray]]:
+        return {cut: state_to_numpy(t) for cut, t in self.tails.items()}

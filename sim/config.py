@@ -1,0 +1,233 @@
+"""The simulator's configuration: YAML presets, CLI overrides, and validation before Ray starts.
+
+A run is described by one :class:`SimConfig`. Client groups (heterogeneous clients) are a list
+of :class:`GroupConfig`; fields a group leaves out inherit the top-level value, and a config
+without ``groups`` has a single group made of the top-level values. Every error is a
+:class:`ConfigError` naming the field and what is allowed, so ``sim.run`` can print one line
+and exit 2 before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.data import DATASETS, PARTITIONS
+
+PROTOCOLS = ("sflv1", "sflv2")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: ``field`` names where, the message says what is allowed."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+
+
+@dataclass
+class GroupConfig:
+    """One kind of client: its share of the clients and how it trains and defends."""
+
+    name: str = ""
+    share: float = 1.0
+    defense: str | None = None
+    cut: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    strategy: str | None = None
+
+
+@dataclass
+class SimConfig:
+    """Everything that defines a run; the run directory stores it resolved."""
+
+    clients: int = 10
+    rounds: int = 3
+    fraction: float = 1.0
+    defense: str = "none"
+    strategy: str = "FedAvg"
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    protocol: str = "sflv1"
+    seed: int = 0
+    out: str = "runs"
+    device: str = "cpu"
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_address: str | None = None
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    cut: int = 4
+    bottleneck: int = 8
+    arch: str | None = None
+    holdout: float = 0.1
+    aux_fraction: float = 0.9
+    reservoir: int = 512
+    round_timeout: float | None = None
+    train_subset: int | None = None
+    groups: list[GroupConfig] = field(default_factory=list)
+
+    def resolved_groups(self) -> list[GroupConfig]:
+        """The groups with every field filled in from the top level."""
+        groups = self.groups or [GroupConfig(name="all")]
+        out = []
+        for i, g in enumerate(groups):
+            out.append(dataclasses.replace(
+                g,
+                name=g.name or f"group{i}",
+                defense=g.defense if g.defense is not None else self.defense,
+                cut=g.cut if g.cut is not None else self.cut,
+                epochs=g.epochs if g.epochs is not None else self.epochs,
+                batch_size=g.batch_size if g.batch_size is not None else self.batch_size,
+                strategy=g.strategy if g.strategy is not None else self.strategy,
+            ))
+        return out
+
+    def group_sizes(self) -> list[int]:
+        """Clients per group: shares rounded down, the remainder to the largest fractions."""
+        shares = [g.share for g in self.resolved_groups()]
+        raw = [s * self.clients for s in shares]
+        sizes = [math.floor(r) for r in raw]
+        for i in sorted(range(len(raw)), key=lambda i: sizes[i] - raw[i])[: self.clients - sum(sizes)]:
+            sizes[i] += 1
+        return sizes
+
+    def group_of(self) -> list[int]:
+        """Group index of each partition id: contiguous blocks in group order."""
+        return [g for g, n in enumerate(self.group_sizes()) for _ in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :func:`config_from_dict` (and YAML) reads back."""
+        data = dataclasses.asdict(self)
+        if not data["groups"]:
+            del data["groups"]
+        return data
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML/CLI value against a dataclass annotation (ints are accepted for floats)."""
+    args = typing.get_args(annotation)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(where, "must not be empty")
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float, str, bool) and type(value) is not base:
+        raise ConfigError(where, f"must be {base.__name__}, got {value!r}")
+    return value
+
+
+def _from_mapping(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}" if where else unknown[0],
+                          f"unknown key; allowed: {', '.join(types)}")
+    kwargs = {}
+    for key, value in data.items():
+        at = f"{where}.{key}" if where else key
+        if cls is SimConfig and key == "groups":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(at, "must be a non-empty list of groups")
+            kwargs[key] = [_from_mapping(GroupConfig, g, f"groups[{i}]") for i, g in enumerate(value)]
+        else:
+            kwargs[key] = _coerce(at, value, types[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> SimConfig:
+    return _from_mapping(SimConfig, data, "")
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> SimConfig:
+    """Read a YAML preset (if any) and apply CLI overrides on top of it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError("--config", f"{path} is not valid YAML{line}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping of settings")
+        data = loaded or {}
+    try:
+        cfg = _from_mapping(SimConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.where}" if path else exc.where,
+                          str(exc).split(": ", 1)[1]) from None
+    for key, value in overrides.items():
+        setattr(cfg, key, _coerce(f"--{key.replace('_', '-')}", value, _field_types(SimConfig)[key]))
+    return cfg
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(where, message)
+
+
+def validate(cfg: SimConfig) -> None:
+    """Check every value that can be checked without data or Ray; raise ConfigError."""
+    _check(cfg.clients >= 1, "clients", f"must be at least 1, got {cfg.clients}")
+    _check(cfg.rounds >= 1, "rounds", f"must be at least 1, got {cfg.rounds}")
+    _check(0.0 < cfg.fraction <= 1.0, "fraction", f"must be in (0, 1], got {cfg.fraction}")
+    _check(cfg.dataset in DATASETS, "dataset", f"'{cfg.dataset}' unknown; allowed: {', '.join(DATASETS)}")
+    _check(cfg.partition in PARTITIONS, "partition",
+           f"'{cfg.partition}' unknown; allowed: {', '.join(PARTITIONS)}")
+    _check(cfg.alpha > 0, "alpha", f"must be > 0, got {cfg.alpha}")
+    _check(cfg.classes_per_client >= 1, "classes_per_client", "must be at least 1")
+    _check(cfg.shards_per_client >= 1, "shards_per_client", "must be at least 1")
+    _check(cfg.protocol in PROTOCOLS, "protocol", f"'{cfg.protocol}' unknown; allowed: {', '.join(PROTOCOLS)}")
+    _check(cfg.device in DEVICES, "device", f"'{cfg.device}' unknown; allowed: {', '.join(DEVICES)}")
+    _check(cfg.client_cpus > 0, "client_cpus", f"must be > 0, got {cfg.client_cpus}")
+    _check(cfg.client_gpus >= 0, "client_gpus", f"must be >= 0, got {cfg.client_gpus}")
+    _check(cfg.epochs >= 1, "epochs", f"must be at least 1, got {cfg.epochs}")
+    _check(cfg.batch_size >= 1, "batch_size", f"must be at least 1, got {cfg.batch_size}")
+    _check(0 < cfg.lr < 10, "lr", f"must be in (0, 10), got {cfg.lr}")
+    _check(cfg.bottleneck >= 1, "bottleneck", f"must be at least 1, got {cfg.bottleneck}")
+    _check(0 <= cfg.holdout < 1, "holdout", f"must be in [0, 1), got {cfg.holdout}")
+    _check(0 < cfg.aux_fraction < 1, "aux_fraction", f"must be in (0, 1), got {cfg.aux_fraction}")
+    _check(cfg.reservoir >= 1, "reservoir", f"must be at least 1, got {cfg.reservoir}")
+    _check(cfg.train_subset is None or cfg.train_subset >= 1, "train_subset", "must be at least 1")
+    _check(cfg.round_timeout is None or cfg.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+    shares = [g.share for g in cfg.resolved_groups()]
+    for i, s in enumerate(shares):
+        _check(0 < s <= 1, f"groups[{i}].share", f"must be in (0, 1], got {s}")
+    _check(abs(sum(shares) - 1.0) < 1e-6, "groups", f"shares must sum to 1, got {sum(shares):g}")
+    for i, n in enumerate(cfg.group_sizes()):
+        _check(n >= 1, f"groups[{i}].share",
+               f"gives no client out of {cfg.clients}; raise the share or the number of clients")
+    for i, g in enumerate(cfg.resolved_groups()):
+        _check(g.epochs >= 1, f"groups[{i}].epochs", "must be at least 1")
+        _check(g.batch_size >= 1, f"groups[{i}].batch_size", "must be at least 1")

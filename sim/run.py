@@ -1,0 +1,303 @@
+"""``python -m sim.run``: the one place that wires config, data, cloud, Flower and outputs.
+
+Order matters: the whole config is validated and the data loaded and partitioned before Ray
+starts, so a bad value costs one line and exit code 2 and leaves no run directory behind.
+Then Ray is started (loopback, no dashboard) or joined, the data is put once in its object store,
+the cloud actor is created, and Flower's simulation runs the ServerApp and ClientApps on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from defenses import DefenseError, build_defense, describe_registry  # noqa: E402
+from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E402
+from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
+                      split_holdout, split_test, to_tensor)
+from sim.models import DEFAULT_ARCH, SplitSpec, build_head, build_tail, state_to_numpy  # noqa: E402
+from strategies import StrategyError, check_strategy_spec  # noqa: E402
+
+USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError)
+
+HELP = {
+    "config": "YAML preset (see configs/); flags given on the command line override it",
+    "clients": "number of simulated clients (one data partition each)",
+    "rounds": "number of federated rounds",
+    "fraction": "fraction of each group's clients sampled per round",
+    "defense": 'client defense spec, composable with "+", e.g. "noise(sigma=0.05)"',
+    "strategy": 'head aggregation: a flwr.serverapp.strategy class ("FedProx(proximal_mu=0.1)"), '
+                'or "path.to.module:Class(...)"',
+    "dataset": "fashion-mnist (embedded default), mnist, cifar10, cifar100 or svhn",
+    "data_root": "folder in torchvision's layout for datasets other than the embedded one",
+    "partition": "how the train split is divided over clients: iid, dirichlet, pathological, shards",
+    "alpha": "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
+    "classes_per_client": "classes per client for --partition pathological",
+    "shards_per_client": "shards per client for --partition shards",
+    "protocol": "sflv1 (a tail copy per client, averaged per round) or sflv2 (one shared tail)",
+    "seed": "seed of everything: sampling, partitions, initialisation, noise",
+    "out": "folder under which the run directory is created",
+    "device": "where torch computes: cpu, cuda or auto",
+    "client_cpus": "CPUs reserved per client actor (the actor pool size follows from it)",
+    "client_gpus": "GPU share per client actor, e.g. 0.25 packs four actors per GPU",
+    "ray_address": "join an existing Ray cluster (e.g. auto) instead of starting a local one",
+    "epochs": "local epochs per round",
+    "batch_size": "local batch size",
+    "lr": "learning rate of heads and tails (Adam)",
+    "cut": "cut layer: entries of the VGG config kept on the client",
+    "bottleneck": "channels of the bottleneck conv at the cut",
+    "arch": "network: small (28x28 gray) or vgg11_bn (32x32 RGB); chosen from the data if unset",
+    "holdout": "fraction of each client's partition kept for its own accuracy",
+    "aux_fraction": "fraction of the test split given to the attacker as public auxiliary data",
+    "reservoir": "features kept per client in the cloud's recorded view",
+    "round_timeout": "seconds to wait for a round's replies (default: no limit)",
+    "train_subset": "use only this many (seeded, random) training samples: quick runs and tests",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sim.run", description=(
+        "Simulate federated split learning with defended client heads and a curious cloud. "
+        f"Defenses: {describe_registry()}."), argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help=HELP["config"])
+    types = SimConfig.__annotations__
+    for name, text in HELP.items():
+        if name == "config":
+            continue
+        kind = {"int": int, "float": float}.get(str(types[name]).split(" ")[0], str)
+        if "float | None" in str(types[name]):
+            kind = float
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    return p
+
+
+@dataclass
+class Prepared:
+    """Everything computed before Ray starts."""
+
+    config: SimConfig
+    data: ImageData
+    specs: dict[int, SplitSpec]
+    partitions: list[tuple[np.ndarray, np.ndarray]]
+    aux_idx: np.ndarray
+    eval_idx: np.ndarray
+    device: str
+
+
+def prepare(cfg: SimConfig) -> Prepared:
+    """Validate everything and load the data; raises one of USER_ERRORS."""
+    validate(cfg)
+    groups = cfg.resolved_groups()
+    for i, g in enumerate(groups):
+        build_defense(str(g.defense))
+        try:
+            check_strategy_spec(str(g.strategy), {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0,
+                                                  "min_train_nodes": 1, "min_available_nodes": 1})
+        except StrategyError as exc:
+            raise StrategyError(f"strategy: {exc}") from None
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.ray_address is None and (device == "cuda" or cfg.client_gpus > 0) and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA requested (--device cuda or --client-gpus) but no GPU is visible")
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    arch = cfg.arch or DEFAULT_ARCH.get(data.shape[0], "vgg11_bn")
+    specs = {}
+    for i, g in enumerate(groups):
+        spec = SplitSpec(arch, data.shape, data.num_classes, int(g.cut), cfg.bottleneck)
+        try:
+            spec.validate()
+        except ValueError as exc:
+            raise ConfigError(f"groups[{i}].cut" if cfg.groups else "cut", str(exc)) from None
+        specs[int(g.cut)] = spec
+    pool = np.arange(len(data.train_y))
+    if cfg.train_subset is not None:
+        if cfg.train_subset > len(pool):
+            raise ConfigError("train_subset", f"{cfg.train_subset} exceeds the {len(pool)} training samples")
+        pool = np.sort(np.random.default_rng(cfg.seed).choice(pool, cfg.train_subset, replace=False))
+    if cfg.clients > len(pool):
+        raise ConfigError("clients", f"{cfg.clients} clients but only {len(pool)} training samples")
+    parts = [pool[p] for p in partition_indices(
+        data.train_y[pool], cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha,
+        classes_per_partition=cfg.classes_per_client, shards_per_partition=cfg.shards_per_client)]
+    partitions = [split_holdout(p, cfg.holdout, cfg.seed + i) for i, p in enumerate(parts)]
+    aux_idx, eval_idx = split_test(len(data.test_y), cfg.aux_fraction, cfg.seed)
+    return Prepared(cfg, data, specs, partitions, aux_idx, eval_idx, device)
+
+
+def make_run_dir(cfg: SimConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.out) / f"{stamp}-{uuid.uuid4().hex[:6]}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError("out", f"cannot create the run directory under {cfg.out}: {exc.strerror}") from None
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _start_ray(cfg: SimConfig, namespace: str) -> None:
+    import ray
+
+    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, **common)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+                 num_cpus=os.cpu_count(), **common)
+
+
+def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
+    """Start Ray, the cloud and Flower's simulation; return the server's outcome."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from sim.client_app import app as client_app
+    from sim.cloud import CloudActor
+    from sim.server_app import ServerPlan, make_server_app
+
+    cfg, data = prep.config, prep.data
+    namespace = f"sim-{run_dir.name}"
+    cloud_name = "cloud"
+    t0 = time.perf_counter()
+    _start_ray(cfg, namespace)
+    try:
+        resources = ray.cluster_resources()
+        num_actors = int(resources.get("CPU", 1) // cfg.client_cpus)
+        if cfg.client_gpus > 0:
+            num_actors = min(num_actors, int(resources.get("GPU", 0) // cfg.client_gpus))
+        if num_actors < 1:
+            raise ConfigError("client_cpus", f"no client actor fits: the cluster has {resources.get('CPU', 0)} "
+                              f"CPUs and {resources.get('GPU', 0)} GPUs")
+        groups = cfg.resolved_groups()
+        torch.manual_seed(cfg.seed)
+        tails = {cut: state_to_numpy(build_tail(spec)) for cut, spec in sorted(prep.specs.items())}
+        heads = [state_to_numpy(build_head(prep.specs[int(g.cut)])) for g in groups]
+        setup = {
+            "config": cfg.to_dict(),
+            "specs": {cut: vars(spec) for cut, spec in prep.specs.items()},
+            "train_x": ray.put(data.train_x),
+            "train_y": ray.put(data.train_y),
+            "partitions": ray.put(prep.partitions),
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "device": prep.device,
+        }
+        # Keep the handle: a named actor dies when its creator drops the last handle to it.
+        cloud = CloudActor.options(name=cloud_name, namespace=namespace).remote(setup, tails)
+        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+        std = torch.tensor(data.std).view(1, -1, 1, 1)
+        plan = ServerPlan(
+            config=cfg, run_dir=run_dir, cloud=cloud, cloud_name=cloud_name, namespace=namespace,
+            specs=prep.specs, init_heads=heads,
+            eval_x=(to_tensor(data.test_x[prep.eval_idx]) - mean) / std,
+            eval_y=torch.from_numpy(data.test_y[prep.eval_idx]),
+            num_actors=num_actors, reporter=reporter)
+        plan.outcome["startup_seconds"] = time.perf_counter() - t0
+        try:
+            run_simulation(
+                server_app=make_server_app(plan), client_app=client_app, num_supernodes=cfg.clients,
+                backend_config={"client_resources": {"num_cpus": cfg.client_cpus,
+                                                     "num_gpus": cfg.client_gpus}},
+            )
+        except Exception as exc:  # the ServerApp's own failure, re-raised by Flower
+            plan.outcome.setdefault("error", exc)
+    finally:
+        reporter.stop()
+        if ray.is_initialized():
+            ray.shutdown()
+    plan.outcome["num_actors"] = num_actors
+    plan.outcome["total_seconds"] = time.perf_counter() - t0
+    return plan.outcome
+
+
+def _peak_memory_mb() -> float:
+    """Peak resident memory of this process and of its waited-for children, in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + kids) / 1024
+
+
+def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dict[str, Any]:
+    rounds = outcome.get("rounds", [])
+    last = rounds[-1] if rounds else {}
+    steady = [r["seconds"] for r in rounds[1:]] or [r["seconds"] for r in rounds]
+    summary = {
+        "final_accuracy": last.get("accuracy"),
+        "group_accuracy": last.get("group_accuracy"),
+        "rounds_completed": len(rounds),
+        "seconds_per_round": float(np.mean(steady)) if steady else None,
+        "startup_seconds": outcome.get("startup_seconds"),
+        "total_seconds": outcome.get("total_seconds"),
+        "client_actors": outcome.get("num_actors"),
+        "peak_memory_mb": _peak_memory_mb(),
+        "config": cfg.to_dict(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    try:
+        cfg = load_config(config_path, args)
+        prep = prepare(cfg)
+        run_dir = make_run_dir(cfg)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from sim.progress import Reporter
+
+    _quiet_libraries()
+    reporter = Reporter()
+    reporter.start(cfg.rounds, cfg.clients, f"{cfg.dataset} {cfg.protocol} {cfg.defense}")
+    try:
+        outcome = simulate(prep, run_dir, reporter)
+    except USER_ERRORS as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    error = outcome.get("error")
+    summary = write_summary(run_dir, cfg, outcome)
+    if error is not None:
+        print(f"error: run failed: {error} (results so far in {run_dir})", file=sys.stderr)
+        return 1
+    print(f"final accuracy {summary['final_accuracy'] * 100:.2f} %  ->  {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The Flower ServerApp: rounds of sampled clients, per-group head aggregation, evaluation.
+
+Each client group has its own Flower Message-API strategy, driven through its own
+``configure_train`` / ``aggregate_train`` with a view of the Grid that lists only the group's
+nodes in partition order; Python's ``random`` is seeded per round, so the strategies' own node
+sampling is reproducible although Flower's node ids are random. Messages of all groups go out
+together; replies are routed back by partition id.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import ray
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from attacks.view import FeatureStore
+from defenses import build_defense
+from sim.config import SimConfig
+from sim.models import SplitSpec, build_head, build_tail, load_numpy_state
+from sim.records import from_record, to_record
+from strategies import resolve_strategy
+
+PULL_INTERVAL = 0.05
+
+
+class RunFailure(RuntimeError):
+    """The federation cannot go on (e.g. every client of a round failed); one line for the user."""
+
+
+@dataclass
+class ServerPlan:
+    """What ``sim.run`` hands the ServerApp: the config and the server-side data."""
+
+    config: SimConfig
+    run_dir: Path
+    cloud: Any  # the cloud actor's handle
+    cloud_name: str
+    namespace: str
+    specs: dict[int, SplitSpec]
+    init_heads: list[dict[str, np.ndarray]]  # per group
+    eval_x: torch.Tensor  # normalised evaluation inputs
+    eval_y: torch.Tensor
+    num_actors: int
+    reporter: Any  # sim.progress.Reporter
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+
+class GroupGrid:
+    """A Grid as one group's strategy should see it: only that group's nodes, in pid order."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float | None,
+             on_reply: Callable[[Message], None]) -> list[Message]:
+    """Push messages and pull replies until all are in or ``timeout`` passes."""
+    if not messages:
+        return []
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and (deadline is None or time.monotonic() < deadline):
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            on_reply(reply)
+        if pending:
+            time.sleep(PULL_INTERVAL)
+    return replies
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
+    """Flower's ``main`` can start before the simulated nodes register (notes, pitfall 1)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise RunFailure(f"only {len(nodes)} of {n} simulated nodes registered in {timeout:.0f} s")
+        time.sleep(0.2)
+    return nodes
+
+
+def _map_partitions(grid: Grid, n: int) -> dict[int, int]:
+    """partition id -> node id, asked once of every node (Flower's node ids are random)."""
+    nodes = _wait_for_nodes(grid, n)
+    msgs = [Message(RecordDict({}), dst_node_id=node, message_type="query") for node in nodes]
+    replies = exchange(grid, msgs, 300.0, lambda _: None)
+    mapping = {}
+    for reply in replies:
+        if reply.has_error():
+            raise RunFailure(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+        mapping[int(reply.content["info"]["partition-id"])] = reply.metadata.src_node_id
+    if sorted(mapping) != list(range(n)):
+        raise RunFailure(f"expected partition ids 0..{n - 1}, got {len(mapping)} distinct ones")
+    return mapping
+
+
+def round_seed(seed: int, round_: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, 11]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def evaluate_group(spec: SplitSpec, head_state: dict[str, np.ndarray], tail_state: dict[str, np.ndarray],
+                   defense_text: str, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy of one group's head with the cloud's tail, the defense on as in use."""
+    head, tail = build_head(spec), build_tail(spec)
+    load_numpy_state(head, head_state)
+    load_numpy_state(tail, tail_state)
+    defense = build_defense(defense_text)
+    for m in (head, tail, defense):
+        m.eval()
+    hits = sum(int((tail(defense(head(xb))).argmax(1) == yb).sum())
+               for xb, yb in zip(x.split(1000), y.split(1000)))
+    return hits / len(y)
+
+
+class Federation:
+    """The round loop of one run."""
+
+    def __init__(self, grid: Grid, plan: ServerPlan) -> None:
+        self.grid, self.plan, self.cfg = grid, plan, plan.config
+        self.cloud = plan.cloud
+        self.groups = self.cfg.resolved_groups()
+        group_of = self.cfg.group_of()
+        self.members = [[p for p in range(self.cfg.clients) if group_of[p] == g]
+                        for g in range(len(self.groups))]
+        self.strategies = [
+            resolve_strategy(str(g.strategy), {
+                "fraction_train": self.cfg.fraction, "fraction_evaluate": 0.0,
+                "min_train_nodes": 1, "min_available_nodes": len(self.members[i]),
+            }) for i, g in enumerate(self.groups)]
+        self.heads = [to_record(h) for h in plan.init_heads]
+
+    def run(self) -> None:
+        node_of = _map_partitions(self.grid, self.cfg.clients)
+        self.pid_of = {node: pid for pid, node in node_of.items()}
+        self.node_of = node_of
+        metrics_path = self.plan.run_dir / "metrics.jsonl"
+        for r in range(1, self.cfg.rounds + 1):
+            record = self._round(r)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.plan.reporter.round_finished(record)
+            self.plan.outcome.setdefault("rounds", []).append(record)
+        self._save()
+
+    def _configure(self, r: int) -> list[Message]:
+        random.seed(round_seed(self.cfg.seed, r))
+        messages = []
+        for g, strategy in enumerate(self.strategies):
+            grid = GroupGrid(self.grid, [self.node_of[p] for p in self.members[g]])
+            config = ConfigRecord({"round": r, "cloud": self.plan.cloud_name,
+                                   "namespace": self.plan.namespace})
+            messages += list(strategy.configure_train(r, self.heads[g], config, grid))
+        return messages
+
+    def _send(self, r: int, messages: list[Message]) -> list[Message]:
+        """SFL-v1: all at once. SFL-v2: in waves of one client per actor, served in seeded order."""
+        timeout = self.cfg.round_timeout
+        on_reply = self.plan.reporter.client_done
+        if self.cfg.protocol == "sflv1":
+            return exchange(self.grid, messages, timeout, on_reply)
+        order = np.random.default_rng(round_seed(self.cfg.seed, r)).permutation(len(messages))
+        messages = [messages[i] for i in order]
+        replies = []
+        group_of = self.cfg.group_of()
+        for start in range(0, len(messages), self.plan.num_actors):
+            wave = messages[start:start + self.plan.num_actors]
+            pids = [self.pid_of[m.metadata.dst_node_id] for m in wave]
+            ray.get(self.cloud.begin_wave.remote(
+                r, [(p, group_of[p], int(self.groups[group_of[p]].cut)) for p in pids]))
+            replies += exchange(self.grid, wave, timeout, on_reply)
+        return replies
+
+    def _round(self, r: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        messages = self._configure(r)
+        sampled = sorted(self.pid_of[m.metadata.dst_node_id] for m in messages)
+        self.plan.reporter.round_started(r, len(messages))
+        replies = self._send(r, messages)
+        by_pid = {self.pid_of[m.metadata.src_node_id]: m for m in replies}
+        ok = sorted(p for p, m in by_pid.items() if not m.has_error())
+        failed = {p: (_reason(by_pid[p]) if p in by_pid else "no reply before the timeout")
+                  for p in sampled if p not in ok}
+        if self.cfg.protocol == "sflv1":
+            ray.get(self.cloud.end_round.remote(ok))
+        if not ok:
+            raise RunFailure(f"round {r}: every sampled client failed; first error: "
+                             f"{next(iter(failed.values()))}")
+        clients = []
+        for g, strategy in enumerate(self.strategies):
+            group_replies = [by_pid[p] for p in ok if p in self.members[g]]
+            if group_replies:
+                arrays, _ = strategy.aggregate_train(r, group_replies)
+                if arrays is not None:
+                    self.heads[g] = arrays
+            for m in group_replies:
+                clients.append(_client_record(m, self.groups[g].name))
+        accuracy, group_accuracy = self._evaluate(r)
+        return {
+            "round": r,
+            "accuracy": accuracy,
+            "group_accuracy": group_accuracy,
+            "sampled": len(sampled),
+            "completed": len(ok),
+            "failed": [{"partition_id": p, "reason": why} for p, why in failed.items()],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "clients": sorted(clients, key=lambda c: c["partition_id"]),
+        }
+
+    def _evaluate(self, r: int) -> tuple[float, dict[str, float]]:
+        """Accuracy on the evaluation split: per group, and their mean weighted by clients."""
+        tails = ray.get(self.cloud.all_tail_states.remote())
+        torch.manual_seed(round_seed(self.cfg.seed, r))
+        per_group = {
+            group.name: evaluate_group(
+                self.plan.specs[int(group.cut)], from_record(self.heads[g]), tails[int(group.cut)],
+                str(group.defense), self.plan.eval_x, self.plan.eval_y)
+            for g, group in enumerate(self.groups)}
+        sizes = [len(m) for m in self.members]
+        overall = sum(per_group[g.name] * n for g, n in zip(self.groups, sizes)) / sum(sizes)
+        return overall, per_group
+
+    def _save(self) -> None:
+        """Keep what the cloud saw and the final models, before Flower shuts Ray down."""
+        store = FeatureStore()
+        store.clients = ray.get(self.cloud.views.remote())
+        store.save(str(self.plan.run_dir / "view.npz"))
+        tails = ray.get(self.cloud.all_tail_states.remote())
+        torch.save({
+            "heads": {g.name: {k: torch.from_numpy(v) for k, v in from_record(self.heads[i]).items()}
+                      for i, g in enumerate(self.groups)},
+            "tails": {int(cut): {k: torch.from_numpy(v) for k, v in s.items()} for cut, s in tails.items()},
+        }, self.plan.run_dir / "model.pt")
+
+
+def _reason(reply: Message) -> str:
+    """The one informative line of a failed client's error (Flower wraps it in a traceback)."""
+    lines = [ln.strip() for ln in reply.error.reason.splitlines() if ln.strip()]
+    marked = [ln.split("Message:", 1)[1].strip().rstrip("'>") for ln in lines if "Message:" in ln]
+    return (marked[-1] if marked else lines[-1] if lines else "unknown error")[:300]
+
+
+def _client_record(reply: Message, group_name: str) -> dict[str, Any]:
+    m = reply.content["metrics"]
+    return {
+        "partition_id": int(m["partition-id"]),
+        "group": group_name,
+        "loss": float(m["loss"]),
+        "accuracy": float(m["accuracy"]),
+        "train_accuracy": float(m["train-accuracy"]),
+        "num_examples": int(m["num-examples"]),
+        "bytes_sent": int(m["bytes-sent"]),
+        "bytes_received": int(m["bytes-received"]),
+        "seconds": float(m["seconds"]),
+    }
+
+
+def make_server_app(plan: ServerPlan) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            Federation(grid, plan).run()
+        except Exception as exc:  # handed to sim.run, which reports it in one line
+            plan.outcome["error"] = exc
+            raise
+
+    return app
