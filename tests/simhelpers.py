@@ -1,0 +1,68 @@
+"""Running the real simulator (Flower + Ray + torch) from tests, as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from sim.config import config_from_dict
+from sim.models import build_head
+from sim.run import Prepared, prepare
+
+# Small but real: a few clients over a 2000-sample subset of Fashion-MNIST.
+SMALL = ["--clients", "4", "--rounds", "2", "--train-subset", "2000", "--batch-size", "32"]
+
+
+def run_cli(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sim.run", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_sim(out: Path, *args: str) -> Path:
+    """Run a simulation that must succeed; return its run directory."""
+    proc = run_cli(out, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    """The records with wall-clock fields removed (they are the only non-reproducible ones)."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "seconds"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    return strip(records)
+
+
+def prepared(run_dir: Path) -> Prepared:
+    """The run's data and partitions, recomputed from its resolved config."""
+    return prepare(config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())))
+
+
+def head_features(run_dir: Path, prep: Prepared, group: str, ids: np.ndarray) -> torch.Tensor:
+    """Features of train samples through the run's final head of ``group`` (eval mode)."""
+    cfg = prep.config
+    spec = prep.specs[int(next(g.cut for g in cfg.resolved_groups() if g.name == group))]
+    head = build_head(spec)
+    head.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True)["heads"][group], strict=False)
+    head.eval()
+    d = prep.data
+    mean = torch.tensor(d.mean).view(1, -1, 1, 1)
+    std = torch.tensor(d.std).view(1, -1, 1, 1)
+    x = (torch.from_numpy(d.train_x[ids]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        return head(x)

@@ -1,0 +1,67 @@
+"""Bad input gets one line naming the field, exit code 2, and no run directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.simhelpers import run_cli
+
+CASES = {
+    "zero clients": (["--clients", "0"], "clients"),
+    "unknown defense": (["--defense", "nosuch"], "unknown defense 'nosuch'"),
+    "defense parameter typo": (["--defense", "noise(sigm=0.1)"], "unknown parameter 'sigm'"),
+    "cifar10 without data root": (["--dataset", "cifar10"], "--data-root"),
+    "strategy module missing": (["--strategy", "nosuch.module:X"], "nosuch.module"),
+    "unknown strategy": (["--strategy", "FedNope"], "unknown strategy"),
+    "bad protocol": (["--protocol", "sflv3"], "protocol"),
+    "bad fraction": (["--fraction", "1.5"], "fraction"),
+    "not a number": (["--rounds", "two"], "--rounds"),
+    "unknown flag": (["--nosuch-flag", "1"], "nosuch-flag"),
+    "more clients than samples": (["--clients", "100", "--train-subset", "50"], "clients"),
+    "cut out of range": (["--cut", "9"], "cut"),
+    "missing config file": (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_flag(tmp_path, case):
+    args, expected = CASES[case]
+    proc = run_cli(tmp_path / "runs", *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+YAMLS = {
+    "unknown key": ("clients: 4\nnosuch_key: 1\n", "nosuch_key"),
+    "wrong type": ("clients: many\n", "clients"),
+    "shares do not sum to 1": ("groups:\n  - share: 0.5\n  - share: 0.2\n", "sum to 1"),
+    "unknown group key": ("groups:\n  - share: 1.0\n    colour: red\n", "colour"),
+    "bad group defense": ("groups:\n  - share: 1.0\n    defense: noise(sigma=-1)\n", "sigma"),
+    "not a mapping": ("- 1\n- 2\n", "mapping"),
+    "broken yaml": ("clients: [1, 2\n", "YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAMLS))
+def test_bad_yaml(tmp_path, case):
+    text, expected = YAMLS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = run_cli(tmp_path / "runs", "--config", str(path), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_explains_every_flag(tmp_path):
+    proc = run_cli(tmp_path, "--help", timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--clients", "--rounds", "--defense", "--strategy", "--dataset", "--data-root",
+                 "--partition", "--alpha", "--protocol", "--config", "--seed", "--out", "--device",
+                 "--client-cpus", "--client-gpus", "--ray-address"):
+        assert flag in proc.stdout
