@@ -1,5 +1,11 @@
 """The client-side defense interface, its registry and composition.
 
+A defense's state has two kinds, by how it is declared: its ``nn.Parameter``s (e.g. MID's
+bottleneck layer, an adversarial decoder) are trained and federated with the head, averaged
+within the group like the head's weights; its buffers (``register_buffer``, e.g. CEM's
+centroids) are the client's own and persist across rounds in Flower's ``context.state``, so
+they must stay small.
+
 A defense sits between the head and the wire: ``forward(z)`` is what the cloud receives
 (noise, dropout, top-k, ...), ``loss(x, z, y)`` adds a regulariser on the clean features
 (CEM, NoPeek, ...), and ``on_epoch_end`` refreshes any statistics (CEM's k-means).
@@ -13,6 +19,7 @@ import inspect
 import typing
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +50,10 @@ class Defense(nn.Module):
         """Whether :meth:`on_epoch_end` needs the features (computing them costs a pass)."""
         return False
 
+    def report(self) -> dict[str, float]:
+        """Numbers the client reports for the round it just trained (e.g. CEM's bound term)."""
+        return {}
+
     def public_params(self) -> dict[str, Any]:
         """What a noise-aware attacker is assumed to know (CEM's threat model)."""
         return {}
@@ -71,9 +82,44 @@ class Compose(Defense):
     def wants_epoch_features(self) -> bool:
         return any(part.wants_epoch_features() for part in self.parts)
 
+    def report(self) -> dict[str, float]:
+        return {f"{part.name}.{k}": v for part in self.parts for k, v in part.report().items()}
+
     def public_params(self) -> dict[str, Any]:
         return {f"{i}.{part.name}.{k}": v for i, part in enumerate(self.parts)
                 for k, v in part.public_params().items()}
+
+FEDERATED_PREFIX = "defense."
+
+
+def federated_arrays(defense: Defense) -> dict[str, np.ndarray]:
+    """The defense's parameters, prefixed so they can travel in the head's ArrayRecord."""
+    return {FEDERATED_PREFIX + k: v.detach().cpu().numpy().copy() for k, v in defense.named_parameters()}
+
+
+def local_arrays(defense: Defense) -> dict[str, np.ndarray]:
+    """The defense's buffers: the client's persistent, never-shared state."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in defense.named_buffers()}
+
+
+def load_arrays(defense: Defense, federated: dict[str, np.ndarray], local: dict[str, np.ndarray]) -> None:
+    """Load parameters (from a head record, prefixed) and buffers (from the client's state).
+
+    Either may be missing entries (a first round has no client state yet); what is given must
+    match the defense's own names and shapes.
+    """
+    own = dict(defense.named_parameters()) | dict(defense.named_buffers())
+    given = {k[len(FEDERATED_PREFIX):]: v for k, v in federated.items() if k.startswith(FEDERATED_PREFIX)}
+    given |= local
+    with torch.no_grad():
+        for k, v in given.items():
+            if k not in own:
+                raise ValueError(f"defense state has no entry '{k}'")
+            if own[k].shape != v.shape:  # e.g. CEM centroids sized by what the client saw
+                own[k].data = torch.tensor(v, dtype=own[k].dtype)
+            else:
+                own[k].copy_(torch.as_tensor(np.array(v)))
+
 
 REGISTRY: dict[str, type[Defense]] = {}
 D = TypeVar("D", bound=type[Defense])

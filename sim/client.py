@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from defenses import build_defense
+from defenses import FEDERATED_PREFIX, Defense, build_defense, federated_arrays, load_arrays, local_arrays
 from sim.cloud import CloudSession, make_optimizer, reservoir_seed
 from attacks.view import Reservoir
 from sim.config import GroupConfig, SimConfig, config_from_dict
@@ -57,20 +57,28 @@ def get_runtime(cloud_name: str, namespace: str) -> Runtime:
 
 
 def runtime_from_setup(setup: dict[str, Any], cloud: Any) -> Runtime:
-    cfg = config_from_dict(setup["config"])
+    """Resolve the setup the cloud hands out (config, data refs) into a Runtime."""
     train_x, train_y, partitions = ray.get([setup["train_x"], setup["train_y"], setup["partitions"]])
+    return make_runtime(config_from_dict(setup["config"]),
+                        {cut: SplitSpec(**s) for cut, s in setup["specs"].items()},
+                        train_x, train_y, partitions, setup["mean"], setup["std"], cloud)
+
+
+def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarray, train_y: np.ndarray,
+                 partitions: list[tuple[np.ndarray, np.ndarray]], mean: Any, std: Any,
+                 cloud: Any = None) -> Runtime:
     shape = (1, -1, 1, 1)
     return Runtime(
         config=cfg,
         groups=cfg.resolved_groups(),
         group_of=cfg.group_of(),
-        specs={cut: SplitSpec(**s) for cut, s in setup["specs"].items()},
+        specs=specs,
         cloud=cloud,
         train_x=train_x,
         train_y=train_y,
         partitions=partitions,
-        mean=torch.tensor(setup["mean"], dtype=torch.float32).view(shape),
-        std=torch.tensor(setup["std"], dtype=torch.float32).view(shape),
+        mean=torch.tensor(mean, dtype=torch.float32).view(shape),
+        std=torch.tensor(std, dtype=torch.float32).view(shape),
     )
 
 
@@ -79,8 +87,11 @@ def client_seed(seed: int, round_: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_, partition_id]).generate_state(1)[0])
 
 
-class _LocalTail:
-    """SFL-v1: the client's tail copy runs here, through the cloud's own session class."""
+class LocalTail:
+    """SFL-v1: the client's tail copy runs here, through the cloud's own session class.
+
+    Like every tail link it offers ``train_batch``, ``predict`` and ``finish``.
+    """
 
     def __init__(self, rt: Runtime, pid: int, group: int, cut: int, round_: int) -> None:
         tail = build_tail(rt.specs[cut])
@@ -102,7 +113,7 @@ class _LocalTail:
                                             num_examples, view))
 
 
-class _RemoteTail:
+class RemoteTail:
     """SFL-v2: every batch goes to the cloud actor's shared tail."""
 
     def __init__(self, rt: Runtime, pid: int) -> None:
@@ -133,25 +144,35 @@ def _batches(ids: np.ndarray, size: int) -> list[np.ndarray]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
-def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray],
-                proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def open_tail(rt: Runtime, pid: int, round_: int) -> LocalTail | RemoteTail:
+    """The client's link to the cloud's tail for this round, as the protocol says."""
+    if rt.config.protocol == "sflv1":
+        group = rt.group_of[pid]
+        return LocalTail(rt, pid, group, int(rt.groups[group].cut), round_)
+    return RemoteTail(rt, pid)
+
+
+def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray], tail: Any,
+                client_state: dict[str, np.ndarray] | None = None, proximal_mu: float = 0.0,
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """Train one client's head for its group's local epochs against the cloud's tail.
 
-    Returns the new head state and the client's metrics (loss, held-out accuracy, bytes).
+    ``head_state`` is the group's model as the server sent it: the head and the defense's
+    federated parameters. ``client_state`` is the client's own persistent defense state from
+    earlier rounds. ``tail`` is the client's link to the tail (see :func:`open_tail`).
+    Returns the new model state, the new client state and the client's metrics.
     """
     group_idx = rt.group_of[pid]
     group = rt.groups[group_idx]
     cut = int(group.cut)
     torch.manual_seed(client_seed(rt.config.seed, round_, pid))
     rng = np.random.default_rng(client_seed(rt.config.seed, round_, pid))
-    head = build_head(rt.specs[cut])
-    load_numpy_state(head, head_state)
+    head, defense = build_client_model(rt.specs[cut], str(group.defense), head_state, client_state or {})
     global_params = [p.detach().clone() for p in head.parameters()] if proximal_mu > 0 else []
-    defense = build_defense(str(group.defense))
-    optimizer = make_optimizer(list(head.parameters()) + list(defense.parameters()), rt.config.lr)
-    tail = (_LocalTail(rt, pid, group_idx, cut, round_) if rt.config.protocol == "sflv1"
-            else _RemoteTail(rt, pid))
     train_ids, holdout_ids = rt.partitions[pid]
+    if defense.wants_epoch_features():  # refresh after aggregation, before the first epoch
+        _epoch_end(rt, head, defense, train_ids)
+    optimizer = make_optimizer(list(head.parameters()) + list(defense.parameters()), rt.config.lr)
     train_batches = [b for _ in range(int(group.epochs))
                      for b in _batches(rng.permutation(train_ids), int(group.batch_size))]
     holdout_batches = _batches(holdout_ids, 512)
@@ -205,7 +226,23 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
         "bytes-sent": sent,
         "bytes-received": received,
     }
-    return state_to_numpy(head), metrics
+    metrics |= {f"defense-{k}": float(v) for k, v in defense.report().items()}
+    return state_to_numpy(head) | federated_arrays(defense), local_arrays(defense), metrics
+
+
+def initial_model(spec: SplitSpec, defense_text: str) -> dict[str, np.ndarray]:
+    """A group's first model: a fresh head and the defense's fresh federated parameters."""
+    return state_to_numpy(build_head(spec)) | federated_arrays(build_defense(defense_text))
+
+
+def build_client_model(spec: SplitSpec, defense_text: str, model_state: dict[str, np.ndarray],
+                       client_state: dict[str, np.ndarray]) -> tuple[torch.nn.Module, Defense]:
+    """Head and defense loaded from a group model state and a client's own defense state."""
+    head = build_head(spec)
+    load_numpy_state(head, {k: v for k, v in model_state.items() if not k.startswith(FEDERATED_PREFIX)})
+    defense = build_defense(defense_text)
+    load_arrays(defense, model_state, client_state)
+    return head, defense
 
 
 def _epoch_end(rt: Runtime, head: torch.nn.Module, defense: Any, train_ids: np.ndarray) -> None:

@@ -14,8 +14,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
-from sim.client import get_runtime, local_train
+from sim.client import get_runtime, local_train, open_tail
 from sim.records import from_record, record_bytes, to_record
+
+CLIENT_STATE = "defense-state"  # the client's own defense buffers, kept across rounds
 
 app = ClientApp()
 
@@ -36,8 +38,14 @@ def train(msg: Message, context: Context) -> Message:
     rt = get_runtime(str(config["cloud"]), str(config["namespace"]))
     pid = int(context.node_config["partition-id"])
     head_in = from_record(arrays)
-    head_out, metrics = local_train(rt, pid, int(config["round"]), head_in,
-                                    proximal_mu=float(config.get("proximal-mu", 0.0)))
+    round_ = int(config["round"])
+    own = context.state.array_records.get(CLIENT_STATE)
+    head_out, client_state, metrics = local_train(
+        rt, pid, round_, head_in, open_tail(rt, pid, round_),
+        client_state=from_record(own) if own is not None else None,
+        proximal_mu=float(config.get("proximal-mu", 0.0)))
+    if client_state:
+        context.state[CLIENT_STATE] = to_record(client_state)
     if KEY_CLIPPING_NORM in config:  # Flower's client-side DP wrapper asks clients to clip
         keys = list(head_out)
         clipped = [head_out[k] for k in keys]

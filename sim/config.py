@@ -60,7 +60,7 @@ class SimConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     shards_per_client: int = 2
-    protocol: str = "sflv1"
+    protocol: str = "sflv2"
     seed: int = 0
     out: str = "runs"
     device: str = "cpu"

@@ -34,7 +34,7 @@ from defenses import DefenseError, build_defense, describe_registry  # noqa: E40
 from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E402
 from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
                       split_holdout, split_test, to_tensor)
-from sim.models import DEFAULT_ARCH, SplitSpec, build_head, build_tail, state_to_numpy  # noqa: E402
+from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, state_to_numpy  # noqa: E402
 from strategies import StrategyError, check_strategy_spec  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError)
@@ -184,6 +184,7 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
     import ray
     from flwr.simulation import run_simulation
 
+    from sim.client import initial_model
     from sim.client_app import app as client_app
     from sim.cloud import CloudActor
     from sim.server_app import ServerPlan, make_server_app
@@ -204,7 +205,7 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
         groups = cfg.resolved_groups()
         torch.manual_seed(cfg.seed)
         tails = {cut: state_to_numpy(build_tail(spec)) for cut, spec in sorted(prep.specs.items())}
-        heads = [state_to_numpy(build_head(prep.specs[int(g.cut)])) for g in groups]
+        heads = [initial_model(prep.specs[int(g.cut)], str(g.defense)) for g in groups]
         setup = {
             "config": cfg.to_dict(),
             "specs": {cut: vars(spec) for cut, spec in prep.specs.items()},

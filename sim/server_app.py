@@ -23,9 +23,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from attacks.view import FeatureStore
-from defenses import build_defense
 from sim.config import SimConfig
-from sim.models import SplitSpec, build_head, build_tail, load_numpy_state
+from sim.client import build_client_model
+from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.records import from_record, to_record
 from strategies import resolve_strategy
 
@@ -119,10 +119,9 @@ def round_seed(seed: int, round_: int) -> int:
 def evaluate_group(spec: SplitSpec, head_state: dict[str, np.ndarray], tail_state: dict[str, np.ndarray],
                    defense_text: str, x: torch.Tensor, y: torch.Tensor) -> float:
     """Test accuracy of one group's head with the cloud's tail, the defense on as in use."""
-    head, tail = build_head(spec), build_tail(spec)
-    load_numpy_state(head, head_state)
+    head, defense = build_client_model(spec, defense_text, head_state, {})
+    tail = build_tail(spec)
     load_numpy_state(tail, tail_state)
-    defense = build_defense(defense_text)
     for m in (head, tail, defense):
         m.eval()
     hits = sum(int((tail(defense(head(xb))).argmax(1) == yb).sum())
@@ -244,9 +243,9 @@ class Federation:
         store.save(str(self.plan.run_dir / "view.npz"))
         tails = ray.get(self.cloud.all_tail_states.remote())
         torch.save({
-            "heads": {g.name: {k: torch.from_numpy(v) for k, v in from_record(self.heads[i]).items()}
+            "heads": {g.name: {k: torch.tensor(v) for k, v in from_record(self.heads[i]).items()}
                       for i, g in enumerate(self.groups)},
-            "tails": {int(cut): {k: torch.from_numpy(v) for k, v in s.items()} for cut, s in tails.items()},
+            "tails": {int(cut): {k: torch.tensor(v) for k, v in s.items()} for cut, s in tails.items()},
         }, self.plan.run_dir / "model.pt")
 
 

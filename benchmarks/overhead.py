@@ -1,0 +1,131 @@
+"""What the simulator costs beyond the model compute itself.
+
+For each client count, one process runs the same head and tail compute over the same samples
+twice: once as a single-process PyTorch loop (one torch thread, clients one after another, the
+tail in-process), and once through the simulator (Flower + Ray + the cloud actor, in a
+subprocess). It prints both times and their ratio: per steady round (round 2 onward, so
+start-up is excluded) and for the whole run including start-up.
+
+    python -m benchmarks.overhead                    # 10 and 50 clients, SFL-v2, 3 rounds
+    python -m benchmarks.overhead --clients 50 --protocol sflv1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attacks.view import Reservoir
+from sim.client import initial_model, local_train, make_runtime
+from sim.cloud import CloudSession, average_states, make_optimizer, reservoir_seed
+from sim.config import SimConfig
+from sim.data import to_tensor
+from sim.models import build_tail, state_to_numpy
+from sim.run import prepare
+from sim.server_app import evaluate_group
+
+
+class InProcessTail:
+    """The cloud's session called directly: the tail's compute without any transport."""
+
+    def __init__(self, session: CloudSession) -> None:
+        self.session = session
+
+    def train_batch(self, ids, z, y, last):
+        return self.session.train_batch(ids, z, y)
+
+    def predict(self, z, last):
+        return self.session.predict(z)
+
+    def finish(self, num_examples):
+        pass
+
+
+def single_process(cfg: SimConfig) -> list[float]:
+    """Seconds per round of the plain loop doing the simulator's compute."""
+    torch.set_num_threads(1)
+    prep = prepare(cfg)
+    data, spec = prep.data, prep.specs[cfg.cut]
+    rt = make_runtime(cfg, prep.specs, data.train_x, data.train_y, prep.partitions, data.mean, data.std)
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    eval_x = (to_tensor(data.test_x[prep.eval_idx]) - mean) / std
+    eval_y = torch.from_numpy(data.test_y[prep.eval_idx])
+    torch.manual_seed(cfg.seed)
+    tail = build_tail(spec)
+    head_state = initial_model(spec, cfg.defense)
+    tail_opt = make_optimizer(tail.parameters(), cfg.lr)
+    times = []
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        heads, tails, weights = [], [], []
+        for pid in range(cfg.clients):
+            reservoir = Reservoir(cfg.reservoir, reservoir_seed(cfg.seed, r, pid))
+            if cfg.protocol == "sflv1":
+                copy_ = copy.deepcopy(tail)
+                session = CloudSession(copy_, make_optimizer(copy_.parameters(), cfg.lr), reservoir)
+            else:
+                session = CloudSession(tail, tail_opt, reservoir)
+            state, _, metrics = local_train(rt, pid, r, head_state, InProcessTail(session))
+            heads.append(state)
+            tails.append(state_to_numpy(session.tail))
+            weights.append(metrics["num-examples"])
+        head_state = average_states(heads, weights)
+        if cfg.protocol == "sflv1":
+            tail.load_state_dict({k: torch.tensor(v) for k, v in average_states(tails, weights).items()},
+                                 strict=False)
+        evaluate_group(spec, head_state, state_to_numpy(tail), cfg.defense, eval_x, eval_y)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def simulator(cfg: SimConfig) -> tuple[list[float], float]:
+    """Seconds per round and for the whole command, from a real ``python -m sim.run``."""
+    with tempfile.TemporaryDirectory() as out:
+        args = [sys.executable, "-m", "sim.run", "--out", out, "--clients", str(cfg.clients),
+                "--rounds", str(cfg.rounds), "--protocol", cfg.protocol, "--defense", cfg.defense,
+                "--seed", str(cfg.seed)]
+        if cfg.train_subset:
+            args += ["--train-subset", str(cfg.train_subset)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(args, capture_output=True, text=True)
+        total = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"simulator failed: {proc.stderr.strip().splitlines()[-1]}")
+        run_dir = next(Path(out).iterdir())
+        rounds = [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rounds, total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--protocol", default=SimConfig.protocol, choices=["sflv1", "sflv2"])
+    p.add_argument("--defense", default="none")
+    p.add_argument("--train-subset", type=int, default=None, help="samples used (default: all 60k)")
+    args = p.parse_args()
+    print(f"| clients | protocol | loop s/round | simulator s/round | ratio | loop total s | "
+          f"simulator total s | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.clients:
+        cfg = SimConfig(clients=n, rounds=args.rounds, protocol=args.protocol, defense=args.defense,
+                        train_subset=args.train_subset)
+        sim_rounds, sim_total = simulator(cfg)
+        loop_rounds = single_process(cfg)
+        loop_steady, sim_steady = np.mean(loop_rounds[1:]), np.mean(sim_rounds[1:])
+        print(f"| {n} | {cfg.protocol} | {loop_steady:.2f} | {sim_steady:.2f} | {sim_steady / loop_steady:.2f}x "
+              f"| {sum(loop_rounds):.1f} | {sim_total:.1f} | {sim_total / sum(loop_rounds):.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
