@@ -36,10 +36,11 @@ class Runtime:
     partitions: list[tuple[np.ndarray, np.ndarray]]  # per partition id: (train, holdout) ids
     mean: torch.Tensor
     std: torch.Tensor
+    device: torch.device
 
     def inputs(self, ids: np.ndarray) -> torch.Tensor:
-        """Normalised model inputs (B, C, H, W) for train-split sample ids."""
-        x = torch.from_numpy(self.train_x[ids]).permute(0, 3, 1, 2).float().div_(255)
+        """Normalised model inputs (B, C, H, W) on the compute device, for train-split ids."""
+        x = torch.from_numpy(self.train_x[ids]).to(self.device).permute(0, 3, 1, 2).float().div_(255)
         return (x - self.mean) / self.std
 
 
@@ -61,12 +62,12 @@ def runtime_from_setup(setup: dict[str, Any], cloud: Any) -> Runtime:
     train_x, train_y, partitions = ray.get([setup["train_x"], setup["train_y"], setup["partitions"]])
     return make_runtime(config_from_dict(setup["config"]),
                         {cut: SplitSpec(**s) for cut, s in setup["specs"].items()},
-                        train_x, train_y, partitions, setup["mean"], setup["std"], cloud)
+                        train_x, train_y, partitions, setup["mean"], setup["std"], cloud, setup["device"])
 
 
 def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarray, train_y: np.ndarray,
                  partitions: list[tuple[np.ndarray, np.ndarray]], mean: Any, std: Any,
-                 cloud: Any = None) -> Runtime:
+                 cloud: Any = None, device: str = "cpu") -> Runtime:
     shape = (1, -1, 1, 1)
     return Runtime(
         config=cfg,
@@ -77,8 +78,9 @@ def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarra
         train_x=train_x,
         train_y=train_y,
         partitions=partitions,
-        mean=torch.tensor(mean, dtype=torch.float32).view(shape),
-        std=torch.tensor(std, dtype=torch.float32).view(shape),
+        mean=torch.tensor(mean, dtype=torch.float32).view(shape).to(device),
+        std=torch.tensor(std, dtype=torch.float32).view(shape).to(device),
+        device=torch.device(device),
     )
 
 
@@ -96,6 +98,7 @@ class LocalTail:
     def __init__(self, rt: Runtime, pid: int, group: int, cut: int, round_: int) -> None:
         tail = build_tail(rt.specs[cut])
         load_numpy_state(tail, _global_tail(rt, cut, round_))
+        tail.to(rt.device)
         reservoir = Reservoir(rt.config.reservoir, reservoir_seed(rt.config.seed, round_, pid))
         self.session = CloudSession(tail, make_optimizer(tail.parameters(), rt.config.lr), reservoir)
         self.rt, self.pid, self.group, self.cut, self.round = rt, pid, group, cut, round_
@@ -168,6 +171,8 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     torch.manual_seed(client_seed(rt.config.seed, round_, pid))
     rng = np.random.default_rng(client_seed(rt.config.seed, round_, pid))
     head, defense = build_client_model(rt.specs[cut], str(group.defense), head_state, client_state or {})
+    head.to(rt.device)
+    defense.to(rt.device)
     global_params = [p.detach().clone() for p in head.parameters()] if proximal_mu > 0 else []
     train_ids, holdout_ids = rt.partitions[pid]
     if defense.wants_epoch_features():  # refresh after aggregation, before the first epoch
@@ -187,11 +192,12 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
         z = head(x)
         z_sent = defense(z)
         last = not holdout_batches and i == len(train_batches) - 1
-        payload = z_sent.detach().numpy()
+        payload = z_sent.detach().cpu().numpy()
         grad, loss, correct = tail.train_batch(ids, payload, y, last)
         sent += payload.nbytes + y.nbytes
         received += grad.nbytes
-        objective = (z_sent * torch.from_numpy(grad)).sum() + defense.loss(x, z, torch.from_numpy(y))
+        objective = ((z_sent * torch.from_numpy(grad).to(rt.device)).sum()
+                     + defense.loss(x, z, torch.from_numpy(y).to(rt.device)))
         if proximal_mu > 0:
             objective = objective + proximal_mu / 2 * sum(
                 (p - g).pow(2).sum() for p, g in zip(head.parameters(), global_params))
@@ -208,7 +214,7 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     holdout_hits = 0
     with torch.no_grad():
         for j, ids in enumerate(holdout_batches):
-            payload = defense(head(rt.inputs(ids))).numpy()
+            payload = defense(head(rt.inputs(ids))).cpu().numpy()
             pred = tail.predict(payload, j == len(holdout_batches) - 1)
             sent += payload.nbytes
             received += pred.nbytes
@@ -250,5 +256,5 @@ def _epoch_end(rt: Runtime, head: torch.nn.Module, defense: Any, train_ids: np.n
     head.eval()
     with torch.no_grad():
         feats = torch.cat([head(rt.inputs(b)) for b in _batches(train_ids, 512)])
-    defense.on_epoch_end(feats, torch.from_numpy(rt.train_y[train_ids]))
+    defense.on_epoch_end(feats, torch.from_numpy(rt.train_y[train_ids]).to(rt.device))
     head.train()

@@ -40,6 +40,7 @@ class CloudSession:
 
     def __init__(self, tail: nn.Module, optimizer: torch.optim.Optimizer, reservoir: Reservoir) -> None:
         self.tail = tail
+        self.device = next(tail.parameters()).device
         self.optimizer = optimizer
         self.reservoir = reservoir
         self.bytes_received = 0
@@ -49,15 +50,15 @@ class CloudSession:
         """Record z, run the tail, step it, and return dL/dz with the batch loss and hits."""
         self.reservoir.add(sample_ids, z)
         self.bytes_received += z.nbytes + len(y) * LABEL_BYTES
-        zt = torch.from_numpy(z).requires_grad_(True)
-        yt = torch.from_numpy(y)
+        zt = torch.from_numpy(z).to(self.device).requires_grad_(True)
+        yt = torch.from_numpy(y).to(self.device)
         self.tail.train()
         out = self.tail(zt)
         loss = F.cross_entropy(out, yt)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        grad = zt.grad.numpy()
+        grad = zt.grad.cpu().numpy()
         self.bytes_sent += grad.nbytes
         return grad, float(loss.detach()), int((out.argmax(1) == yt).sum())
 
@@ -65,7 +66,7 @@ class CloudSession:
     def predict(self, z: np.ndarray) -> np.ndarray:
         """Class predictions for features (the client's held-out accuracy); not recorded."""
         self.tail.eval()
-        return self.tail(torch.from_numpy(z)).argmax(1).numpy()
+        return self.tail(torch.from_numpy(z).to(self.device)).argmax(1).cpu().numpy()
 
     def view(self, partition_id: int, group: int, cut: int, round_: int,
              feature_shape: tuple[int, ...]) -> ClientView:
@@ -114,6 +115,7 @@ class CloudActor:
         for cut, state in tails.items():
             self.tails[cut] = build_tail(self.specs[cut])
             load_numpy_state(self.tails[cut], state)
+            self.tails[cut].to(setup["device"])
             self.optimizers[cut] = make_optimizer(self.tails[cut].parameters(), self.lr)
         self.store = FeatureStore()
         self.pending: dict[int, _Pending] = {}
@@ -177,6 +179,23 @@ class CloudActor:
                 self._turn = (self._turn + 1) % len(self._order)
             self._cond.notify_all()
             return result
+
+    async def drop(self, pid: int) -> None:
+        """Take a failed client out of the wave so the others are not kept waiting for it.
+
+        Its recorded features are discarded; the batches it already sent have updated the
+        shared tail, as they would have on a real SFL-v2 server.
+        """
+        async with self._cond:
+            if pid in self._order:
+                i = self._order.index(pid)
+                self._order.pop(i)
+                if i < self._turn:
+                    self._turn -= 1
+                if self._turn >= len(self._order):
+                    self._turn = 0
+                self._sessions.pop(pid, None)
+                self._cond.notify_all()
 
     async def train_batch(self, pid: int, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray,
                           last: bool = False) -> tuple[np.ndarray, float, int]:

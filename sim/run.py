@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ import yaml  # noqa: E402
 
 from defenses import DefenseError, build_defense, describe_registry  # noqa: E402
 from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E402
+from sim.memory import PeakMemory  # noqa: E402
 from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
                       split_holdout, split_test, to_tensor)
 from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, state_to_numpy  # noqa: E402
@@ -244,13 +244,6 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
     return plan.outcome
 
 
-def _peak_memory_mb() -> float:
-    """Peak resident memory of this process and of its waited-for children, in MB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + kids) / 1024
-
-
 def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dict[str, Any]:
     rounds = outcome.get("rounds", [])
     last = rounds[-1] if rounds else {}
@@ -263,7 +256,7 @@ def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dic
         "startup_seconds": outcome.get("startup_seconds"),
         "total_seconds": outcome.get("total_seconds"),
         "client_actors": outcome.get("num_actors"),
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": outcome.get("peak_memory_mb"),
         "config": cfg.to_dict(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -286,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter()
     reporter.start(cfg.rounds, cfg.clients, f"{cfg.dataset} {cfg.protocol} {cfg.defense}")
     try:
-        outcome = simulate(prep, run_dir, reporter)
+        with PeakMemory() as memory:
+            outcome = simulate(prep, run_dir, reporter)
+        outcome["peak_memory_mb"] = memory.peak_bytes / 2**20
     except USER_ERRORS as exc:
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)

@@ -175,6 +175,12 @@ class Federation:
         on_reply = self.plan.reporter.client_done
         if self.cfg.protocol == "sflv1":
             return exchange(self.grid, messages, timeout, on_reply)
+
+        def on_reply_v2(reply: Message) -> None:
+            if reply.has_error():  # free the wave's turn order from a client that died
+                self.cloud.drop.remote(self.pid_of[reply.metadata.src_node_id])
+            on_reply(reply)
+
         order = np.random.default_rng(round_seed(self.cfg.seed, r)).permutation(len(messages))
         messages = [messages[i] for i in order]
         replies = []
@@ -184,7 +190,7 @@ class Federation:
             pids = [self.pid_of[m.metadata.dst_node_id] for m in wave]
             ray.get(self.cloud.begin_wave.remote(
                 r, [(p, group_of[p], int(self.groups[group_of[p]].cut)) for p in pids]))
-            replies += exchange(self.grid, wave, timeout, on_reply)
+            replies += exchange(self.grid, wave, timeout, on_reply_v2)
         return replies
 
     def _round(self, r: int) -> dict[str, Any]:

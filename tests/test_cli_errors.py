@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from sim.run import main
 from tests.simhelpers import run_cli
+
+
+def run_main(capsys, out, *args):
+    """``sim.run.main`` in-process (fast); argparse's own errors exit through SystemExit."""
+    try:
+        rc = main(["--out", str(out), *args])
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
 
 CASES = {
     "zero clients": (["--clients", "0"], "clients"),
@@ -24,15 +34,22 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_flag(tmp_path, case):
+def test_bad_flag(tmp_path, capsys, case):
     args, expected = CASES[case]
-    proc = run_cli(tmp_path / "runs", *args, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    rc, err = run_main(capsys, tmp_path / "runs", *args)
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert expected in lines[0]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args", [["--clients", "0"], ["--strategy", "nosuch.module:X"]])
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path, args):
+    proc = run_cli(tmp_path / "runs", *args, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 YAMLS = {
@@ -47,21 +64,23 @@ YAMLS = {
 
 
 @pytest.mark.parametrize("case", sorted(YAMLS))
-def test_bad_yaml(tmp_path, case):
+def test_bad_yaml(tmp_path, capsys, case):
     text, expected = YAMLS[case]
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    proc = run_cli(tmp_path / "runs", "--config", str(path), timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    rc, err = run_main(capsys, tmp_path / "runs", "--config", str(path))
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "runs").exists()
 
 
-def test_help_explains_every_flag(tmp_path):
-    proc = run_cli(tmp_path, "--help", timeout=120)
-    assert proc.returncode == 0
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--clients", "--rounds", "--defense", "--strategy", "--dataset", "--data-root",
                  "--partition", "--alpha", "--protocol", "--config", "--seed", "--out", "--device",
                  "--client-cpus", "--client-gpus", "--ray-address"):
-        assert flag in proc.stdout
+        assert flag in out
