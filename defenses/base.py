@@ -58,6 +58,21 @@ class Defense(nn.Module):
         """What a noise-aware attacker is assumed to know (CEM's threat model)."""
         return {}
 
+    def bind(self, feature_shape: tuple[int, ...]) -> None:
+        """Hook: the shape of one sample's z, e.g. ``(8, 7, 7)``; default no-op.
+
+        The simulator calls it right after every ``build_defense`` and before any state is
+        read or loaded, so that defenses whose parameters depend on z's size (MID's layers)
+        create them there: parameters are federated and must exist before data is seen.
+        """
+
+    def attach(self, parts: list[Defense]) -> None:
+        """Hook: the other parts of the chain this defense was composed into; default no-op.
+
+        :class:`Compose` calls it on every part with the whole chain (this part included),
+        once, at construction: e.g. CEM reads the sigma of a ``noise`` part beside it.
+        """
+
 class Compose(Defense):
     """Chains ``forward`` left to right and sums ``loss``: ``dropout(p=0.2)+noise(sigma=0.01)``."""
 
@@ -66,6 +81,12 @@ class Compose(Defense):
     def __init__(self, parts: list[Defense]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        for part in parts:
+            part.attach(list(parts))
+
+    def bind(self, feature_shape: tuple[int, ...]) -> None:
+        for part in self.parts:
+            part.bind(feature_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for part in self.parts:

@@ -78,6 +78,11 @@ class SimConfig:
     reservoir: int = 512
     round_timeout: float | None = None
     train_subset: int | None = None
+    attacks: str = "decoder(epochs=20)"
+    attacker_knowledge: str = "whitebox"
+    attack_every: int = 0
+    attack_samples: int = 64
+    export_view: str | None = None
     groups: list[GroupConfig] = field(default_factory=list)
 
     def resolved_groups(self) -> list[GroupConfig]:
@@ -219,6 +224,8 @@ def validate(cfg: SimConfig) -> None:
     _check(0 <= cfg.holdout < 1, "holdout", f"must be in [0, 1), got {cfg.holdout}")
     _check(0 < cfg.aux_fraction < 1, "aux_fraction", f"must be in (0, 1), got {cfg.aux_fraction}")
     _check(cfg.reservoir >= 1, "reservoir", f"must be at least 1, got {cfg.reservoir}")
+    _check(cfg.attack_every >= 0, "attack_every", f"must be >= 0 (0: final round only), got {cfg.attack_every}")
+    _check(cfg.attack_samples >= 1, "attack_samples", f"must be at least 1, got {cfg.attack_samples}")
     _check(cfg.train_subset is None or cfg.train_subset >= 1, "train_subset", "must be at least 1")
     _check(cfg.round_timeout is None or cfg.round_timeout > 0, "round_timeout", "must be > 0 seconds")
     shares = [g.share for g in cfg.resolved_groups()]

@@ -29,6 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from attacks import LEVELS, AttackError, build_attack  # noqa: E402
+from attacks.stage import parse_attacks  # noqa: E402
 from defenses import DefenseError, build_defense, describe_registry  # noqa: E402
 from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E402
 from sim.memory import PeakMemory  # noqa: E402
@@ -37,7 +39,7 @@ from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # 
 from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, state_to_numpy  # noqa: E402
 from strategies import StrategyError, check_strategy_spec  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError)
+USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError, AttackError)
 
 HELP = {
     "config": "YAML preset (see configs/); flags given on the command line override it",
@@ -71,6 +73,13 @@ HELP = {
     "reservoir": "features kept per client in the cloud's recorded view",
     "round_timeout": "seconds to wait for a round's replies (default: no limit)",
     "train_subset": "use only this many (seeded, random) training samples: quick runs and tests",
+    "attacks": 'attacks on the recorded features, comma-separated specs, e.g. "decoder(epochs=20),rmle"; '
+               'none to skip',
+    "attacker_knowledge": "what the cloud knows of the head: whitebox (its weights; SplitFed "
+                          "aggregates them), query (black-box access) or none",
+    "attack_every": "also attack at every K-th round (leakage over rounds); 0: final round only",
+    "attack_samples": "recorded features attacked per client",
+    "export_view": "also write what the cloud saw to FILE.npz (and the heads to FILE.pt)",
 }
 
 
@@ -120,6 +129,7 @@ def prepare(cfg: SimConfig) -> Prepared:
                                                   "min_train_nodes": 1, "min_available_nodes": 1})
         except StrategyError as exc:
             raise StrategyError(f"strategy: {exc}") from None
+    _check_attacks(cfg)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,6 +158,19 @@ def prepare(cfg: SimConfig) -> Prepared:
     partitions = [split_holdout(p, cfg.holdout, cfg.seed + i) for i, p in enumerate(parts)]
     aux_idx, eval_idx = split_test(len(data.test_y), cfg.aux_fraction, cfg.seed)
     return Prepared(cfg, data, specs, partitions, aux_idx, eval_idx, device)
+
+
+def _check_attacks(cfg: SimConfig) -> None:
+    if cfg.attacker_knowledge not in LEVELS:
+        raise ConfigError("attacker_knowledge", f"'{cfg.attacker_knowledge}' unknown; allowed: {', '.join(LEVELS)}")
+    for text in parse_attacks(cfg.attacks):
+        try:
+            attack = build_attack(text)
+        except AttackError as exc:
+            raise ConfigError("attacks", str(exc)) from None
+        if LEVELS.index(attack.needs) > LEVELS.index(cfg.attacker_knowledge):
+            raise ConfigError("attacks", f"'{attack.name}' needs attacker knowledge '{attack.needs}', "
+                              f"but --attacker-knowledge is '{cfg.attacker_knowledge}'")
 
 
 def make_run_dir(cfg: SimConfig) -> Path:
@@ -263,6 +286,43 @@ def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dic
     return summary
 
 
+def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
+    """Attack the saved snapshots of the run; write leakage.csv, figures and report.md."""
+    from attacks import report
+    from attacks.stage import load_snapshot, run_stage
+
+    cfg = prep.config
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]["round"]
+    dirs = {int(d.name[1:]): d for d in sorted((run_dir / "rounds").glob("r*"))} | {final: run_dir}
+    rows, examples, seconds = [], {}, {}
+    for round_, directory in sorted(dirs.items()):
+        result = run_stage(load_snapshot(directory, round_), cfg.resolved_groups(), prep.specs, prep.data,
+                           prep.aux_idx, parse_attacks(cfg.attacks), cfg.attacker_knowledge,
+                           cfg.attack_samples, cfg.seed, progress=lambda text: console.print(f"attack: {text}"))
+        stats = report.client_stats(prep.data.train_y, prep.partitions, records, round_)
+        rows += report.join(result.rows, {round_: stats})
+        for name, s in result.seconds.items():
+            seconds[name] = seconds.get(name, 0.0) + s
+        if round_ == final:
+            examples = result.examples
+    report.write_csv(rows, run_dir / "leakage.csv")
+    means = report.group_means(rows, final)
+    report.write_report(run_dir, rows, examples, means, seconds, final)
+    report.update_summary(run_dir, means, seconds)
+
+
+def export_view(run_dir: Path, target: str) -> None:
+    """Copy what the cloud saw (view) and the aggregated heads to a user-chosen place."""
+    import torch as _torch
+
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "view.npz", path)
+    heads = _torch.load(run_dir / "model.pt", weights_only=True)["heads"]
+    _torch.save(heads, path.with_suffix(".pt"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
@@ -291,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None:
         print(f"error: run failed: {error} (results so far in {run_dir})", file=sys.stderr)
         return 1
+    if parse_attacks(cfg.attacks):
+        attack_stage(run_dir, prep, reporter.console)
+    if cfg.export_view:
+        export_view(run_dir, cfg.export_view)
     print(f"final accuracy {summary['final_accuracy'] * 100:.2f} %  ->  {run_dir}")
     return 0
 

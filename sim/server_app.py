@@ -157,7 +157,10 @@ class Federation:
                 f.write(json.dumps(record) + "\n")
             self.plan.reporter.round_finished(record)
             self.plan.outcome.setdefault("rounds", []).append(record)
-        self._save()
+            every = self.cfg.attack_every
+            if every and r % every == 0 and r < self.cfg.rounds:
+                self._save(self.plan.run_dir / "rounds" / f"r{r:03d}")
+        self._save(self.plan.run_dir)
 
     def _configure(self, r: int) -> list[Message]:
         random.seed(round_seed(self.cfg.seed, r))
@@ -208,13 +211,15 @@ class Federation:
         if not ok:
             raise RunFailure(f"round {r}: every sampled client failed; first error: "
                              f"{next(iter(failed.values()))}")
-        clients = []
+        clients, strategy_metrics = [], {}
         for g, strategy in enumerate(self.strategies):
             group_replies = [by_pid[p] for p in ok if p in self.members[g]]
             if group_replies:
-                arrays, _ = strategy.aggregate_train(r, group_replies)
+                arrays, aggregated = strategy.aggregate_train(r, group_replies)
                 if arrays is not None:
                     self.heads[g] = arrays
+                if aggregated is not None:  # what the strategy itself reports (e.g. clipping)
+                    strategy_metrics[self.groups[g].name] = dict(aggregated)
             for m in group_replies:
                 clients.append(_client_record(m, self.groups[g].name))
         accuracy, group_accuracy = self._evaluate(r)
@@ -225,6 +230,7 @@ class Federation:
             "sampled": len(sampled),
             "completed": len(ok),
             "failed": [{"partition_id": p, "reason": why} for p, why in failed.items()],
+            "strategy_metrics": strategy_metrics,
             "seconds": round(time.perf_counter() - t0, 3),
             "clients": sorted(clients, key=lambda c: c["partition_id"]),
         }
@@ -242,17 +248,18 @@ class Federation:
         overall = sum(per_group[g.name] * n for g, n in zip(self.groups, sizes)) / sum(sizes)
         return overall, per_group
 
-    def _save(self) -> None:
-        """Keep what the cloud saw and the final models, before Flower shuts Ray down."""
+    def _save(self, directory: Path) -> None:
+        """Keep what the cloud saw and the models (before Flower shuts Ray down)."""
+        directory.mkdir(parents=True, exist_ok=True)
         store = FeatureStore()
         store.clients = ray.get(self.cloud.views.remote())
-        store.save(str(self.plan.run_dir / "view.npz"))
+        store.save(str(directory / "view.npz"))
         tails = ray.get(self.cloud.all_tail_states.remote())
         torch.save({
             "heads": {g.name: {k: torch.tensor(v) for k, v in from_record(self.heads[i]).items()}
                       for i, g in enumerate(self.groups)},
             "tails": {int(cut): {k: torch.tensor(v) for k, v in s.items()} for cut, s in tails.items()},
-        }, self.plan.run_dir / "model.pt")
+        }, directory / "model.pt")
 
 
 def _reason(reply: Message) -> str:

@@ -38,7 +38,7 @@ class CallSpec:
 _NAME = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
 
 
-def _split_top_level(text: str, sep: str) -> list[str]:
+def split_top_level(text: str, sep: str) -> list[str]:
     """Split on ``sep`` where it is not inside brackets or quotes."""
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):
@@ -104,4 +104,4 @@ def parse_chain(text: str) -> list[CallSpec]:
     """Parse ``a(...)+b(...)``: the composition syntax of defenses."""
     if not text or not text.strip():
         raise SpecError("empty spec")
-    return [parse_call(part) for part in _split_top_level(text, "+")]
+    return [parse_call(part) for part in split_top_level(text, "+")]

@@ -1,0 +1,175 @@
+"""The leakage report: ``leakage.csv``, per-group means, figures and ``report.md``.
+
+Rows come from :mod:`attacks.stage` (one per client, attack and attacked round) and are joined
+with what each client reported while training (its held-out accuracy, data statistics, the
+defense's own numbers such as CEM's bound) so a reader can put leakage next to utility.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAT_FIELDS = ("num_examples", "num_classes", "majority_share", "accuracy")
+
+
+def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarray]],
+                 records: list[dict[str, Any]], until_round: int) -> dict[int, dict[str, Any]]:
+    """Per client: data statistics and its latest reported numbers up to ``until_round``."""
+    stats: dict[int, dict[str, Any]] = {}
+    for pid, (train, _) in enumerate(partitions):
+        counts = np.bincount(labels[train])
+        stats[pid] = {"num_examples": len(train), "num_classes": int((counts > 0).sum()),
+                      "majority_share": round(float(counts.max() / counts.sum()), 4)}
+    for record in records:
+        if record["round"] > until_round:
+            continue
+        for c in record["clients"]:
+            stats[c["partition_id"]]["accuracy"] = c["accuracy"]
+            stats[c["partition_id"]].update({k: v for k, v in c.items() if k.startswith("defense-")})
+    return stats
+
+
+def join(rows: list[dict[str, Any]], stats_by_round: dict[int, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{**row, **stats_by_round[row["round"]][row["partition_id"]]} for row in rows]
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def group_means(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[str, dict[str, float]]]:
+    """``{attack: {group: {metric: mean}}}`` over the clients attacked at the final round."""
+    acc: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["round"] == final_round:
+            acc[row["attack"]][row["group"]].append(row)
+    keys = ("mse", "psnr", "ssim", "baseline_mse", "baseline_ssim", "accuracy")
+    return {a: {g: {k: float(np.mean([r[k] for r in rs if k in r])) for k in keys if any(k in r for r in rs)}
+                for g, rs in groups.items()} for a, groups in acc.items()}
+
+
+def _colours(groups: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {g: cmap(i % 10) for i, g in enumerate(groups)}
+
+
+def plot_ssim_bars(rows: list[dict[str, Any]], attack: str, final_round: int, path: Path) -> None:
+    rs = sorted((r for r in rows if r["attack"] == attack and r["round"] == final_round),
+                key=lambda r: r["partition_id"])
+    groups = list(dict.fromkeys(r["group"] for r in rs))
+    colours = _colours(groups)
+    fig, ax = plt.subplots(figsize=(max(6, len(rs) * 0.18), 3.5))
+    ax.bar(range(len(rs)), [r["ssim"] for r in rs], color=[colours[r["group"]] for r in rs])
+    ax.plot(range(len(rs)), [r["baseline_ssim"] for r in rs], "k_", label="mean-image baseline")
+    for g in groups:
+        ax.bar([], [], color=colours[g], label=g)
+    ax.set(xlabel="client (partition id)", ylabel="SSIM", title=f"{attack}: reconstruction SSIM per client")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_ssim(rows: list[dict[str, Any]], attack: str, final_round: int, path: Path) -> None:
+    rs = [r for r in rows if r["attack"] == attack and r["round"] == final_round and "accuracy" in r]
+    colours = _colours(list(dict.fromkeys(r["group"] for r in rs)))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for g, c in colours.items():
+        mine = [r for r in rs if r["group"] == g]
+        ax.scatter([r["ssim"] for r in mine], [r["accuracy"] for r in mine], color=c, label=g, s=18)
+    ax.set(xlabel=f"{attack} SSIM (leakage)", ylabel="client held-out accuracy", title="utility vs leakage")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_over_rounds(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    by: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[(r["attack"], r["group"])][r["round"]].append(r["ssim"])
+    for (attack, group), rounds in sorted(by.items()):
+        xs = sorted(rounds)
+        ax.plot(xs, [np.mean(rounds[x]) for x in xs], marker="o", label=f"{attack} / {group}")
+    ax.set(xlabel="round", ylabel="mean SSIM", title="leakage over rounds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(examples: dict[int, tuple[torch.Tensor, torch.Tensor]], attack: str, path: Path,
+              clients: int = 4) -> None:
+    """Originals over reconstructions for a few clients."""
+    chosen = sorted(examples)[:clients]
+    cols = max(len(examples[p][0]) for p in chosen)
+    fig, axes = plt.subplots(2 * len(chosen), cols, figsize=(cols * 0.9, len(chosen) * 1.9), squeeze=False)
+    for i, pid in enumerate(chosen):
+        true, recon = examples[pid]
+        for j in range(cols):
+            for k, img in enumerate((true, recon)):
+                ax = axes[2 * i + k][j]
+                ax.axis("off")
+                if j < len(img):
+                    pic = img[j].permute(1, 2, 0).numpy()
+                    ax.imshow(pic.squeeze(-1) if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1)
+            axes[2 * i][0].set_title(f"client {pid}: original / {attack}", fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, Any],
+                 means: dict[str, Any], seconds: dict[str, float], final_round: int) -> list[str]:
+    """All figures and ``report.md``; returns the figure file names."""
+    figures = []
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    for attack in attacks:
+        for name, plot in ((f"ssim_{attack}.png", plot_ssim_bars), (f"accuracy_vs_ssim_{attack}.png",
+                                                                  plot_accuracy_vs_ssim)):
+            plot(rows, attack, final_round, run_dir / name)
+            figures.append(name)
+        plot_grid(examples[attack], attack, run_dir / f"reconstructions_{attack}.png")
+        figures.append(f"reconstructions_{attack}.png")
+    plot_over_rounds(rows, run_dir / "leakage_over_rounds.png")
+    figures.append("leakage_over_rounds.png")
+    lines = ["# Leakage report", "",
+             f"Attacks on the features the cloud recorded, scored per client (round {final_round}); "
+             "the baseline is the attacker's auxiliary mean image (knowing nothing). "
+             "Per-client rows: `leakage.csv`.", "",
+             "| attack | group | accuracy | MSE | PSNR | SSIM | baseline SSIM |", "|---|---|---|---|---|---|---|"]
+    for attack, groups in means.items():
+        for group, m in groups.items():
+            lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | {m['mse']:.4f} | "
+                         f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['baseline_ssim']:.3f} |")
+    lines += ["", "Attack cost: " + ", ".join(f"{a} {s:.1f} s" for a, s in seconds.items()), ""]
+    lines += [f"![{f}]({f})" for f in figures]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return figures
+
+
+def update_summary(run_dir: Path, means: dict[str, Any], seconds: dict[str, float]) -> None:
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["leakage"] = means
+    summary["attack_seconds"] = seconds
+    path.write_text(json.dumps(summary, indent=2))
