@@ -15,18 +15,19 @@ Defenses are registered by name with typed keyword parameters so that one syntax
 
 from __future__ import annotations
 
-import inspect
-import typing
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from sim.spec import CallSpec, SpecError, parse_chain
+from sim.registry import Registry
+from sim.spec import SpecError, parse_chain
+
 
 class DefenseError(ValueError):
     """A defense spec that cannot be built; the message is one line for the user."""
+
 
 class Defense(nn.Module):
     """Base class: the identity with no regulariser. Subclasses override what they change."""
@@ -72,6 +73,7 @@ class Defense(nn.Module):
         :class:`Compose` calls it on every part with the whole chain (this part included),
         once, at construction: e.g. CEM reads the sigma of a ``noise`` part beside it.
         """
+
 
 class Compose(Defense):
     """Chains ``forward`` left to right and sums ``loss``: ``dropout(p=0.2)+noise(sigma=0.01)``."""
@@ -142,45 +144,9 @@ def load_arrays(defense: Defense, federated: dict[str, np.ndarray], local: dict[
                 own[k].copy_(torch.as_tensor(np.array(v)))
 
 
-REGISTRY: dict[str, type[Defense]] = {}
-D = TypeVar("D", bound=type[Defense])
+REGISTRY: Registry[Defense] = Registry("defense", DefenseError)
+register = REGISTRY.register
 
-def register(cls: D) -> D:
-    """Class decorator: make a defense buildable by its ``name``."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-def _check_value(cls: type[Defense], key: str, value: Any) -> Any:
-    """Check one keyword against the constructor's annotation; ints are accepted for floats."""
-    expected = typing.get_type_hints(cls.__init__).get(key)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected in (float, int, bool, str) and type(value) is not expected:
-        raise DefenseError(
-            f"{cls.name}: parameter '{key}' must be {expected.__name__}, got {value!r}"
-        )
-    return value
-
-def _build_one(spec: CallSpec) -> Defense:
-    cls = REGISTRY.get(spec.name)
-    if cls is None:
-        raise DefenseError(
-            f"unknown defense '{spec.name}'; available: {describe_registry()}"
-        )
-    params = dict(inspect.signature(cls.__init__).parameters)
-    params.pop("self")
-    if spec.args:
-        raise DefenseError(f"{spec.name}: use keyword arguments, e.g. {describe(cls)}")
-    unknown = sorted(set(spec.kwargs) - set(params))
-    if unknown:
-        raise DefenseError(
-            f"{spec.name}: unknown parameter '{unknown[0]}'; accepted: {describe(cls)}"
-        )
-    kwargs = {k: _check_value(cls, k, v) for k, v in spec.kwargs.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise DefenseError(f"{spec.name}: {exc}") from None
 
 def build_defense(text: str) -> Defense:
     """Build a defense from its spec text; a chain becomes a :class:`Compose`."""
@@ -188,22 +154,15 @@ def build_defense(text: str) -> Defense:
         specs = parse_chain(text)
     except SpecError as exc:
         raise DefenseError(f"defense '{text}': {exc}") from None
-    parts = [_build_one(s) for s in specs]
+    parts = [REGISTRY.build(s) for s in specs]
     parts = [p for p in parts if type(p) is not Defense]  # "none" in a chain adds nothing
     if len(parts) == 1:
         return parts[0]
     return Compose(parts) if parts else Defense()
 
-def describe(cls: type[Defense]) -> str:
-    """``name(param: type = default, ...)`` as shown in error messages and ``--help``."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    inner = ", ".join(
-        f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
-        for p in params
-    )
-    return f"{cls.name}({inner})" if params else cls.name
 
 def describe_registry() -> str:
-    return ", ".join(describe(cls) for _, cls in sorted(REGISTRY.items()))
+    return REGISTRY.describe_all()
+
 
 register(Defense)  # "none"

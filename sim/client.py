@@ -236,9 +236,16 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     return state_to_numpy(head) | federated_arrays(defense), local_arrays(defense), metrics
 
 
+def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
+    """Build a defense for features of ``spec``'s shape (layers sized by z exist from the start)."""
+    defense = build_defense(defense_text)
+    defense.bind(spec.feature_shape)
+    return defense
+
+
 def initial_model(spec: SplitSpec, defense_text: str) -> dict[str, np.ndarray]:
     """A group's first model: a fresh head and the defense's fresh federated parameters."""
-    return state_to_numpy(build_head(spec)) | federated_arrays(build_defense(defense_text))
+    return state_to_numpy(build_head(spec)) | federated_arrays(make_defense(spec, defense_text))
 
 
 def build_client_model(spec: SplitSpec, defense_text: str, model_state: dict[str, np.ndarray],
@@ -246,7 +253,7 @@ def build_client_model(spec: SplitSpec, defense_text: str, model_state: dict[str
     """Head and defense loaded from a group model state and a client's own defense state."""
     head = build_head(spec)
     load_numpy_state(head, {k: v for k, v in model_state.items() if not k.startswith(FEDERATED_PREFIX)})
-    defense = build_defense(defense_text)
+    defense = make_defense(spec, defense_text)
     load_arrays(defense, model_state, client_state)
     return head, defense
 
