@@ -36,7 +36,8 @@ def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarr
         if record["round"] > until_round:
             continue
         for c in record["clients"]:
-            stats[c["partition_id"]]["accuracy"] = c["accuracy"]
+            if c["accuracy"] is not None:
+                stats[c["partition_id"]]["accuracy"] = c["accuracy"]
             stats[c["partition_id"]].update({k: v for k, v in c.items() if k.startswith("defense-")})
     return stats
 

@@ -114,8 +114,8 @@ def main() -> None:
     p.add_argument("--defense", default="none")
     p.add_argument("--train-subset", type=int, default=None, help="samples used (default: all 60k)")
     args = p.parse_args()
-    print(f"| clients | protocol | loop s/round | simulator s/round | ratio | loop total s | "
-          f"simulator total s | ratio |")
+    print("| clients | protocol | loop s/round | simulator s/round | ratio | loop total s | "
+          "simulator total s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for n in args.clients:
         cfg = SimConfig(clients=n, rounds=args.rounds, protocol=args.protocol, defense=args.defense,

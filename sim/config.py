@@ -78,7 +78,7 @@ class SimConfig:
     reservoir: int = 512
     round_timeout: float | None = None
     train_subset: int | None = None
-    attacks: str = "decoder(epochs=20)"
+    attacks: str = "decoder(epochs=5, width=32, blocks=2, batch_size=64)"
     attacker_knowledge: str = "whitebox"
     attack_every: int = 0
     attack_samples: int = 64

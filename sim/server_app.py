@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -275,13 +275,20 @@ def _client_record(reply: Message, group_name: str) -> dict[str, Any]:
         "partition_id": int(m["partition-id"]),
         "group": group_name,
         "loss": float(m["loss"]),
-        "accuracy": float(m["accuracy"]),
+        "accuracy": _finite(m["accuracy"]),
         "train_accuracy": float(m["train-accuracy"]),
         "num_examples": int(m["num-examples"]),
         "bytes_sent": int(m["bytes-sent"]),
         "bytes_received": int(m["bytes-received"]),
         "seconds": float(m["seconds"]),
+        **{k: _finite(v) for k, v in m.items() if k.startswith("defense-")},
     }
+
+
+def _finite(value: Any) -> float | None:
+    """NaN (e.g. a regulariser that was inactive all round) is written as JSON null."""
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
 def make_server_app(plan: ServerPlan) -> ServerApp:

@@ -16,7 +16,7 @@ from sim.models import build_head
 from sim.run import Prepared, prepare
 
 # Small but real: a few clients over a 2000-sample subset of Fashion-MNIST.
-SMALL = ["--clients", "4", "--rounds", "2", "--train-subset", "2000", "--batch-size", "32"]
+SMALL = ["--clients", "4", "--rounds", "2", "--train-subset", "2000", "--batch-size", "32", "--attacks", "none"]
 
 
 def run_cli(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

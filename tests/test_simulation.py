@@ -93,3 +93,11 @@ def test_heterogeneous_groups(tmp_path):
     assert sorted(view) == [2, 4]
     assert view[2]["features"].shape[1:] == (8, 14, 14)  # cut 2 keeps a larger feature map
     assert set(view[2]["group_ids"].tolist()) == {2} and set(view[4]["group_ids"].tolist()) == {0, 1}
+
+
+def test_flower_dp_wrapper_around_fedavg(tmp_path):
+    """Client-side fixed clipping: the wrapper asks clients to clip, and they do."""
+    run_dir = run_sim(tmp_path, *SMALL, "--clients", "3", "--rounds", "1", "--strategy",
+                      "DifferentialPrivacyClientSideFixedClipping(FedAvg(), noise_multiplier=0.01, "
+                      "clipping_norm=1.0, num_sampled_clients=3)")
+    assert metrics(run_dir)[0]["completed"] == 3

@@ -1,0 +1,89 @@
+"""The scorer: the only code that maps sample ids to the victims' true images.
+
+Attacks return reconstructions in the order of the features they were given; the simulator
+hands the matching sample ids (recorded with the features) to a :class:`Scorer`, which looks
+the true images up and measures the leakage. Keeping this lookup out of :mod:`attacks.base`
+and the attacks is what guarantees that no attack can read a victim's raw data.
+
+Metrics follow CEM's evaluation on [0, 1] images: MSE, PSNR = 10 log10(1 / MSE) and SSIM with
+an 11x11 Gaussian window (sigma 1.5), each computed per image and averaged over images.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+PSNR_CAP = 100.0  # dB for a perfect reconstruction (MSE 0), where the formula gives infinity
+_CHUNK = 1024  # images per SSIM call: bounds the memory of the Gaussian-filtered copies
+
+
+def per_image_metrics(recon01: torch.Tensor, true01: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image MSE, PSNR (capped at :data:`PSNR_CAP`) and SSIM of two (N, C, H, W) batches."""
+    if recon01.shape != true01.shape:
+        raise ValueError(f"reconstructions {tuple(recon01.shape)} and true images "
+                         f"{tuple(true01.shape)} differ in shape")
+    # Imported here: torchmetrics takes seconds to import, and every process that records
+    # features imports this package (attacks.view) without ever scoring.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    recon01, true01 = recon01.detach().float().cpu(), true01.detach().float().cpu()
+    mse = ((recon01 - true01) ** 2).flatten(1).mean(1)
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP / 10))))
+    ssim = torch.cat([
+        structural_similarity_index_measure(
+            recon01[i:i + _CHUNK], true01[i:i + _CHUNK], gaussian_kernel=True, sigma=1.5,
+            kernel_size=11, data_range=1.0, reduction="none")
+        for i in range(0, len(recon01), _CHUNK)])
+    return {"mse": mse, "psnr": psnr, "ssim": ssim}
+
+
+def summarise(per_image: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Means over images, plus the image count."""
+    out = {k: float(v.mean()) for k, v in per_image.items()}
+    out["n"] = int(len(next(iter(per_image.values()))))
+    return out
+
+
+class Scorer:
+    """Measures reconstructions against the true images of their sample ids.
+
+    ``images01_by_id`` is either a callable ``ids -> float (N, C, H, W) in [0, 1]``, a float
+    tensor (N, C, H, W) in [0, 1] indexed by id, or a dataset's uint8 (N, H, W, C) array (e.g.
+    ``ImageData.train_x``), converted only for the ids asked for.
+    """
+
+    def __init__(self, images01_by_id: Callable[[np.ndarray], torch.Tensor] | torch.Tensor
+                 | np.ndarray) -> None:
+        self._source = images01_by_id
+
+    def true_images(self, sample_ids: np.ndarray) -> torch.Tensor:
+        """The true [0, 1] images of ``sample_ids`` (N, C, H, W)."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        source = self._source
+        if callable(source):
+            return torch.as_tensor(source(ids), dtype=torch.float32)
+        if isinstance(source, np.ndarray) and source.dtype == np.uint8:
+            from sim.data import to_tensor  # uint8 NHWC -> float NCHW in [0, 1]
+            return to_tensor(source[ids])
+        return torch.as_tensor(source)[torch.from_numpy(ids)].float()
+
+    def score(self, sample_ids: np.ndarray, reconstructions: torch.Tensor,
+              per_image: bool = False) -> dict:
+        """Mean MSE, PSNR, SSIM over images (and ``n``); with ``per_image`` also the
+        per-image tensors under ``"per_image"``."""
+        true = self.true_images(sample_ids)
+        metrics = per_image_metrics(torch.as_tensor(reconstructions), true)
+        out: dict = summarise(metrics)
+        if per_image:
+            out["per_image"] = metrics
+        return out
+
+    def baseline(self, aux_images01: torch.Tensor, sample_ids: np.ndarray) -> dict:
+        """The metrics of the auxiliary data's mean image for every victim: what an attacker
+        that learns nothing from the features achieves."""
+        aux = torch.as_tensor(aux_images01, dtype=torch.float32)
+        mean = aux.mean(0, keepdim=True).expand(len(np.asarray(sample_ids)), *aux.shape[1:])
+        return self.score(sample_ids, mean.contiguous())
