@@ -88,12 +88,13 @@ def single_process(cfg: SimConfig) -> list[float]:
     return times
 
 
-def simulator(cfg: SimConfig) -> tuple[list[float], float]:
-    """Seconds per round and for the whole command, from a real ``python -m sim.run``."""
+def simulator(cfg: SimConfig) -> tuple[list[float], float, float]:
+    """Seconds per round, for the whole command, and the peak memory (MB) of its process
+    tree, from a real ``python -m sim.run``."""
     with tempfile.TemporaryDirectory() as out:
         args = [sys.executable, "-m", "sim.run", "--out", out, "--clients", str(cfg.clients),
                 "--rounds", str(cfg.rounds), "--protocol", cfg.protocol, "--defense", cfg.defense,
-                "--seed", str(cfg.seed)]
+                "--seed", str(cfg.seed), "--attacks", "none"]
         if cfg.train_subset:
             args += ["--train-subset", str(cfg.train_subset)]
         t0 = time.perf_counter()
@@ -103,7 +104,8 @@ def simulator(cfg: SimConfig) -> tuple[list[float], float]:
             raise SystemExit(f"simulator failed: {proc.stderr.strip().splitlines()[-1]}")
         run_dir = next(Path(out).iterdir())
         rounds = [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rounds, total
+        peak = json.loads((run_dir / "summary.json").read_text())["peak_memory_mb"]
+    return rounds, total, peak
 
 
 def main() -> None:
@@ -115,16 +117,17 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=None, help="samples used (default: all 60k)")
     args = p.parse_args()
     print("| clients | protocol | loop s/round | simulator s/round | ratio | loop total s | "
-          "simulator total s | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          "simulator total s | ratio | simulator peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.clients:
         cfg = SimConfig(clients=n, rounds=args.rounds, protocol=args.protocol, defense=args.defense,
                         train_subset=args.train_subset)
-        sim_rounds, sim_total = simulator(cfg)
+        sim_rounds, sim_total, peak = simulator(cfg)
         loop_rounds = single_process(cfg)
         loop_steady, sim_steady = np.mean(loop_rounds[1:]), np.mean(sim_rounds[1:])
         print(f"| {n} | {cfg.protocol} | {loop_steady:.2f} | {sim_steady:.2f} | {sim_steady / loop_steady:.2f}x "
-              f"| {sum(loop_rounds):.1f} | {sim_total:.1f} | {sim_total / sum(loop_rounds):.2f}x |", flush=True)
+              f"| {sum(loop_rounds):.1f} | {sim_total:.1f} | {sim_total / sum(loop_rounds):.2f}x | {peak:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if [ ! -d /usr/share/datasets/fashion-mnist ] || ! python3 -m venv --help >/dev/null 2>&1; then
+if [ ! -d /usr/share/datasets/fashion-mnist ] || ! python3 -c "import ensurepip" >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq dataset-fashion-mnist python3-venv python3-pip >/dev/null
 fi

@@ -59,6 +59,7 @@ def test_cloud_view_maps_back_to_the_right_images(sflv1_runs):
         assert (nearest == np.roll(ids, 1)).mean() < 0.1
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_sflv2(tmp_path):
     runs = [run_sim(tmp_path / f"v2-{i}", *SMALL, "--protocol", "sflv2") for i in range(2)]
     a, b = (without_timings(metrics(d)) for d in runs)
@@ -82,6 +83,7 @@ def test_custom_strategy_and_fraction(tmp_path):
         assert r["sampled"] == r["completed"] == 3
 
 
+@pytest.mark.slow
 def test_heterogeneous_groups(tmp_path):
     run_dir = run_sim(tmp_path, "--config", "configs/heterogeneous.yaml", "--clients", "5",
                       "--rounds", "1", "--train-subset", "2000", "--partition", "iid")
@@ -95,6 +97,7 @@ def test_heterogeneous_groups(tmp_path):
     assert set(view[2]["group_ids"].tolist()) == {2} and set(view[4]["group_ids"].tolist()) == {0, 1}
 
 
+@pytest.mark.slow
 def test_flower_dp_wrapper_around_fedavg(tmp_path):
     """Client-side fixed clipping: the wrapper asks clients to clip, and they do."""
     run_dir = run_sim(tmp_path, *SMALL, "--clients", "3", "--rounds", "1", "--strategy",
