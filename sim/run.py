@@ -310,6 +310,10 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
     means = report.group_means(rows, final)
     report.write_report(run_dir, rows, examples, means, seconds, final)
     report.update_summary(run_dir, means, seconds)
+    for name, groups in means.items():
+        console.print(f"leakage {name}: " + ", ".join(
+            f"{g} SSIM {m['ssim']:.3f} (baseline {m['baseline_ssim']:.3f})" for g, m in groups.items())
+            + f"  [{seconds[name]:.0f} s]")
 
 
 def export_view(run_dir: Path, target: str) -> None:
@@ -351,10 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None:
         print(f"error: run failed: {error} (results so far in {run_dir})", file=sys.stderr)
         return 1
-    if parse_attacks(cfg.attacks):
-        attack_stage(run_dir, prep, reporter.console)
-    if cfg.export_view:
-        export_view(run_dir, cfg.export_view)
+    try:
+        if parse_attacks(cfg.attacks):
+            attack_stage(run_dir, prep, reporter.console)
+        if cfg.export_view:
+            export_view(run_dir, cfg.export_view)
+    except (OSError, ValueError, RuntimeError) as exc:  # training results are already saved
+        print(f"error: attack stage failed: {exc} (training results in {run_dir})", file=sys.stderr)
+        return 1
     print(f"final accuracy {summary['final_accuracy'] * 100:.2f} %  ->  {run_dir}")
     return 0
 
