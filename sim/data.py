@@ -240,11 +240,7 @@ def _read_svhn(root: Path) -> tuple[np.ndarray, ...]:
     for file in _SVHN_FILES:
         if not (root / file).is_file():
             raise _missing("svhn", root, "torchvision layout", str(root / file))
-    try:
-        from scipy.io import loadmat  # only SVHN needs scipy, an optional dependency
-    except ImportError:
-        raise DataError("svhn: reading the .mat files needs scipy, which is not installed "
-                        "(pip install scipy)") from None
+    from scipy.io import loadmat  # imported here: only SVHN needs it, and it is slow to import
     arrays: list[np.ndarray] = []
     for file in _SVHN_FILES:
         try:

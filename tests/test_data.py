@@ -215,21 +215,8 @@ def test_missing_svhn_names_expected_files(tmp_path: Path) -> None:
         load_dataset("svhn", str(tmp_path))
 
 
-def test_svhn_without_scipy_says_so(tmp_path: Path) -> None:
-    try:
-        import scipy.io  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("scipy is installed")
-    for name in ("train_32x32.mat", "test_32x32.mat"):
-        (tmp_path / name).write_bytes(b"")
-    with pytest.raises(DataError, match="scipy"):
-        load_dataset("svhn", str(tmp_path))
-
-
 def test_fake_svhn_mat(tmp_path: Path) -> None:
-    scipy_io = pytest.importorskip("scipy.io")
+    import scipy.io as scipy_io
     rng = np.random.default_rng(4)
     for name, n in (("train_32x32.mat", 5), ("test_32x32.mat", 2)):
         scipy_io.savemat(tmp_path / name, {
