@@ -26,10 +26,10 @@ import torch
 
 from attacks.view import Reservoir
 from sim.client import initial_model, local_train, make_runtime
-from sim.cloud import CloudSession, average_states, make_optimizer, reservoir_seed
-from sim.config import SimConfig
+from sim.cloud import CloudSession, average_states, make_optimizer
+from sim.config import RESERVOIR_SALT, SimConfig, derive_seed
 from sim.data import to_tensor
-from sim.models import build_tail, state_to_numpy
+from sim.models import build_tail, normalise, state_to_numpy
 from sim.run import prepare
 from sim.server_app import evaluate_group
 
@@ -56,9 +56,7 @@ def single_process(cfg: SimConfig) -> list[float]:
     prep = prepare(cfg)
     data, spec = prep.data, prep.specs[cfg.cut]
     rt = make_runtime(cfg, prep.specs, data.train_x, data.train_y, prep.partitions, data.mean, data.std)
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    eval_x = (to_tensor(data.test_x[prep.eval_idx]) - mean) / std
+    eval_x = normalise(to_tensor(data.test_x[prep.eval_idx]), data.mean, data.std)
     eval_y = torch.from_numpy(data.test_y[prep.eval_idx])
     torch.manual_seed(cfg.seed)
     tail = build_tail(spec)
@@ -69,7 +67,7 @@ def single_process(cfg: SimConfig) -> list[float]:
         t0 = time.perf_counter()
         heads, tails, weights = [], [], []
         for pid in range(cfg.clients):
-            reservoir = Reservoir(cfg.reservoir, reservoir_seed(cfg.seed, r, pid))
+            reservoir = Reservoir(cfg.reservoir, derive_seed(cfg.seed, r, pid, RESERVOIR_SALT))
             if cfg.protocol == "sflv1":
                 copy_ = copy.deepcopy(tail)
                 session = CloudSession(copy_, make_optimizer(copy_.parameters(), cfg.lr), reservoir)

@@ -16,9 +16,9 @@ import ray
 import torch
 
 from defenses import FEDERATED_PREFIX, Defense, build_defense, federated_arrays, load_arrays, local_arrays
-from sim.cloud import CloudSession, make_optimizer, reservoir_seed
+from sim.cloud import CloudSession, make_optimizer
 from attacks.view import Reservoir
-from sim.config import GroupConfig, SimConfig, config_from_dict
+from sim.config import RESERVOIR_SALT, GroupConfig, SimConfig, config_from_dict, derive_seed
 from sim.models import SplitSpec, build_head, build_tail, load_numpy_state, state_to_numpy
 
 
@@ -84,11 +84,6 @@ def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarra
     )
 
 
-def client_seed(seed: int, round_: int, partition_id: int) -> int:
-    """One seed per (run seed, round, client): reproducible whichever actor runs the client."""
-    return int(np.random.SeedSequence([seed, round_, partition_id]).generate_state(1)[0])
-
-
 class LocalTail:
     """SFL-v1: the client's tail copy runs here, through the cloud's own session class.
 
@@ -99,7 +94,7 @@ class LocalTail:
         tail = build_tail(rt.specs[cut])
         load_numpy_state(tail, _global_tail(rt, cut, round_))
         tail.to(rt.device)
-        reservoir = Reservoir(rt.config.reservoir, reservoir_seed(rt.config.seed, round_, pid))
+        reservoir = Reservoir(rt.config.reservoir, derive_seed(rt.config.seed, round_, pid, RESERVOIR_SALT))
         self.session = CloudSession(tail, make_optimizer(tail.parameters(), rt.config.lr), reservoir)
         self.rt, self.pid, self.group, self.cut, self.round = rt, pid, group, cut, round_
 
@@ -168,8 +163,9 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     group_idx = rt.group_of[pid]
     group = rt.groups[group_idx]
     cut = int(group.cut)
-    torch.manual_seed(client_seed(rt.config.seed, round_, pid))
-    rng = np.random.default_rng(client_seed(rt.config.seed, round_, pid))
+    seed = derive_seed(rt.config.seed, round_, pid)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     head, defense = build_client_model(rt.specs[cut], str(group.defense), head_state, client_state or {})
     head.to(rt.device)
     defense.to(rt.device)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.view import ClientView, FeatureStore, Reservoir
+from sim.config import RESERVOIR_SALT, derive_seed
 from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
 
 LABEL_BYTES = 8  # labels travel as int64
@@ -73,10 +74,6 @@ class CloudSession:
         ids, z = self.reservoir.arrays(feature_shape)
         return ClientView(partition_id, group, cut, round_, ids, z, self.reservoir.seen,
                           self.bytes_received, self.bytes_sent)
-
-
-def reservoir_seed(seed: int, round_: int, partition_id: int) -> int:
-    return int(np.random.SeedSequence([seed, round_, partition_id, 7]).generate_state(1)[0])
 
 
 def average_states(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -157,12 +154,12 @@ class CloudActor:
 
     async def begin_wave(self, round_: int, wave: list[tuple[int, int, int]]) -> None:
         """Open a wave of (partition id, group, cut); batches are served round-robin in order."""
-        torch.manual_seed(reservoir_seed(self.seed, round_, wave[0][0]))
+        torch.manual_seed(derive_seed(self.seed, round_, wave[0][0], RESERVOIR_SALT))
         self._order = [pid for pid, _, _ in wave]
         self._turn = 0
         for pid, group, cut in wave:
             session = CloudSession(self.tails[cut], self.optimizers[cut],
-                                   Reservoir(self.capacity, reservoir_seed(self.seed, round_, pid)))
+                                   Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)))
             self._sessions[pid] = (session, group, cut, round_)
 
     async def _call(self, pid: int, last: bool, fn: Any) -> Any:

@@ -16,12 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from sim.data import DATASETS, PARTITIONS
 
 PROTOCOLS = ("sflv1", "sflv2")
+RESERVOIR_SALT = 7  # seeds of the cloud's reservoirs (and its SFL-v2 waves)
+ROUND_SALT = 11  # seeds of a round's server-side draws: sampling, wave order, evaluation noise
 DEVICES = ("cpu", "cuda", "auto")
+
+
+def derive_seed(*parts: int) -> int:
+    """One seed per purpose, e.g. ``(run seed, round, client)``: reproducible whichever
+    process or actor draws it, and independent of the seeds of other purposes."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 class ConfigError(ValueError):

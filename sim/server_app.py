@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from attacks.view import FeatureStore
-from sim.config import SimConfig
+from sim.config import ROUND_SALT, SimConfig, derive_seed
 from sim.client import build_client_model
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.records import from_record, to_record
@@ -111,10 +111,6 @@ def _map_partitions(grid: Grid, n: int) -> dict[int, int]:
     return mapping
 
 
-def round_seed(seed: int, round_: int) -> int:
-    return int(np.random.SeedSequence([seed, round_, 11]).generate_state(1)[0])
-
-
 @torch.no_grad()
 def evaluate_group(spec: SplitSpec, head_state: dict[str, np.ndarray], tail_state: dict[str, np.ndarray],
                    defense_text: str, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -163,7 +159,7 @@ class Federation:
         self._save(self.plan.run_dir)
 
     def _configure(self, r: int) -> list[Message]:
-        random.seed(round_seed(self.cfg.seed, r))
+        random.seed(derive_seed(self.cfg.seed, r, ROUND_SALT))
         messages = []
         for g, strategy in enumerate(self.strategies):
             grid = GroupGrid(self.grid, [self.node_of[p] for p in self.members[g]])
@@ -184,7 +180,7 @@ class Federation:
                 self.cloud.drop.remote(self.pid_of[reply.metadata.src_node_id])
             on_reply(reply)
 
-        order = np.random.default_rng(round_seed(self.cfg.seed, r)).permutation(len(messages))
+        order = np.random.default_rng(derive_seed(self.cfg.seed, r, ROUND_SALT)).permutation(len(messages))
         messages = [messages[i] for i in order]
         replies = []
         group_of = self.cfg.group_of()
@@ -238,7 +234,7 @@ class Federation:
     def _evaluate(self, r: int) -> tuple[float, dict[str, float]]:
         """Accuracy on the evaluation split: per group, and their mean weighted by clients."""
         tails = ray.get(self.cloud.all_tail_states.remote())
-        torch.manual_seed(round_seed(self.cfg.seed, r))
+        torch.manual_seed(derive_seed(self.cfg.seed, r, ROUND_SALT))
         per_group = {
             group.name: evaluate_group(
                 self.plan.specs[int(group.cut)], from_record(self.heads[g]), tails[int(group.cut)],
