@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from defenses import build_defense
-from sim.models import SplitSpec
+from sim.models import SplitSpec, normalise
 from sim.registry import Registry
 from sim.spec import SpecError, parse_call
 
@@ -47,13 +47,6 @@ def _level_rank(level: str) -> int:
 
 
 # --------------------------------------------------------------------------- knowledge
-
-
-def normalise(x01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """[0, 1] images -> the per-channel standardised inputs heads are trained on."""
-    m = torch.tensor(mean, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
-    return (x01 - m) / s
 
 
 @dataclass

@@ -71,6 +71,13 @@ def _vgg_layers(cfg: list[int | str], in_ch: int) -> tuple[list[nn.Module], int]
     return layers, in_ch
 
 
+def normalise(x01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[0, 1] images -> the per-channel standardised inputs heads are trained on."""
+    m = torch.tensor(mean, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    return (x01 - m) / s
+
+
 def build_head(spec: SplitSpec) -> nn.Sequential:
     """Client head: the first ``cut`` entries, then a 3x3 bottleneck conv and a Sigmoid."""
     layers, ch = _vgg_layers(ARCHS[spec.arch][0][: spec.cut], spec.in_shape[0])

@@ -36,7 +36,7 @@ from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E4
 from sim.memory import PeakMemory  # noqa: E402
 from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
                       split_holdout, split_test, to_tensor)
-from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, state_to_numpy  # noqa: E402
+from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, normalise, state_to_numpy  # noqa: E402
 from strategies import StrategyError, check_strategy_spec  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError, AttackError)
@@ -241,12 +241,10 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
         }
         # Keep the handle: a named actor dies when its creator drops the last handle to it.
         cloud = CloudActor.options(name=cloud_name, namespace=namespace).remote(setup, tails)
-        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-        std = torch.tensor(data.std).view(1, -1, 1, 1)
         plan = ServerPlan(
             config=cfg, run_dir=run_dir, cloud=cloud, cloud_name=cloud_name, namespace=namespace,
             specs=prep.specs, init_heads=heads,
-            eval_x=(to_tensor(data.test_x[prep.eval_idx]) - mean) / std,
+            eval_x=normalise(to_tensor(data.test_x[prep.eval_idx]), data.mean, data.std),
             eval_y=torch.from_numpy(data.test_y[prep.eval_idx]),
             num_actors=num_actors, reporter=reporter)
         plan.outcome["startup_seconds"] = time.perf_counter() - t0

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from sim.config import config_from_dict
-from sim.models import build_head
+from sim.data import to_tensor
+from sim.models import build_head, normalise
 from sim.run import Prepared, prepare
 
 # Small but real: a few clients over a 2000-sample subset of Fashion-MNIST.
@@ -60,9 +61,6 @@ def head_features(run_dir: Path, prep: Prepared, group: str, ids: np.ndarray) ->
     head = build_head(spec)
     head.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True)["heads"][group], strict=False)
     head.eval()
-    d = prep.data
-    mean = torch.tensor(d.mean).view(1, -1, 1, 1)
-    std = torch.tensor(d.std).view(1, -1, 1, 1)
-    x = (torch.from_numpy(d.train_x[ids]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    x = normalise(to_tensor(prep.data.train_x[ids]), prep.data.mean, prep.data.std)
     with torch.no_grad():
         return head(x)
