@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from defenses import build_defense
-from sim.models import SplitSpec, normalise
+from sim.models import SPLITS, SplitSpec, normalise
 from sim.registry import Registry
 from sim.spec import SpecError, parse_call
 
@@ -161,13 +161,17 @@ def _make_query(head: nn.Module, defense: nn.Module, mean: tuple[float, ...],
 class Attack:
     """Base class. Subclasses set ``name`` and ``needs`` and implement ``_fit`` and ``_run``.
 
-    ``fit`` checks the knowledge level and the auxiliary data before any work, so that an
-    attack the cloud is not entitled to fails at once with a clear message; ``run`` checks the
-    features' shape against the one fitted on and returns [0, 1] images in the same order.
+    ``fit`` checks the knowledge level, the split and the auxiliary data before any work, so
+    that an attack the cloud is not entitled to fails at once with a clear message; ``run``
+    checks the features' shape against the one fitted on and returns, in the same order,
+    [0, 1] images (``kind = "inversion"``) or int64 class labels (``kind = "completion"``).
     """
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "none"  # the minimum knowledge level
+    kind: ClassVar[str] = "inversion"  # or "completion": recovers labels, not images
+    splits: ClassVar[tuple[str, ...]] = SPLITS  # the splits (sim.models.SPLITS) it works on
+    adversary: ClassVar[str] = "passive"  # "active": needs a cloud that trained maliciously
 
     def __init__(self) -> None:
         self.knowledge: Knowledge | None = None
@@ -182,6 +186,10 @@ class Attack:
         if not knowledge.allows(self.needs):
             raise AttackError(f"attack '{self.name}' needs knowledge level '{self.needs}' or "
                               f"above, but the cloud has '{knowledge.level}'")
+        split = knowledge.split.split if knowledge.split is not None else "vanilla"
+        if split not in self.splits:
+            raise AttackError(f"attack '{self.name}' works on the {' or '.join(self.splits)} split, "
+                              f"not on a {split} one")
         aux = _as_images(aux_images01, knowledge.image_shape, "auxiliary images")
         if aux_labels is not None:
             aux_labels = torch.as_tensor(np.asarray(aux_labels), dtype=torch.int64)
@@ -192,7 +200,8 @@ class Attack:
         self._fit(knowledge, aux, aux_labels)
 
     def run(self, features: torch.Tensor) -> torch.Tensor:
-        """Reconstruct images in [0, 1], shape (B, C, H, W), from features (B, *feature_shape)."""
+        """Reconstruct images in [0, 1], shape (B, C, H, W), or predict labels (B,) for
+        completion attacks, from features (B, *feature_shape)."""
         if self.knowledge is None:
             raise AttackError(f"attack '{self.name}': call fit() before run()")
         z = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
@@ -200,6 +209,8 @@ class Attack:
         if tuple(z.shape[1:]) != tuple(self.knowledge.feature_shape):
             raise AttackError(f"attack '{self.name}': features of shape {tuple(z.shape[1:])}, "
                               f"fitted for {tuple(self.knowledge.feature_shape)}")
+        if self.kind == "completion":
+            return self._run(z).to(torch.int64).cpu()
         return self._run(z).clamp(0.0, 1.0).cpu()
 
     def _fit(self, knowledge: Knowledge, aux01: torch.Tensor,

@@ -81,6 +81,7 @@ class KnowledgeAlignment(Attack):
 
     name = "ka"
     needs = "none"
+    splits = ("vanilla",)  # aligns through the tail's class logits, which a U-shaped tail lacks
 
     def __init__(self, head_epochs: int = 5, epochs: int = 50, head_lr: float = 1e-3,
                  batch_size: int = 256, lr: float = 1e-3, width: int = 64, blocks: int = 8,

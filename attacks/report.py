@@ -3,6 +3,8 @@
 Rows come from :mod:`attacks.stage` (one per client, attack and attacked round) and are joined
 with what each client reported while training (its held-out accuracy, data statistics, the
 defense's own numbers such as CEM's bound) so a reader can put leakage next to utility.
+Inversion rows carry MSE/PSNR/SSIM, completion rows (pmc, amc) ``completion_accuracy`` and
+``scratch_accuracy``; ``leakage.csv`` leaves a row's other columns empty.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def group_means(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[
     for row in rows:
         if row["round"] == final_round:
             acc[row["attack"]][row["group"]].append(row)
-    keys = ("mse", "psnr", "ssim", "baseline_mse", "baseline_ssim", "accuracy")
+    keys = ("mse", "psnr", "ssim", "baseline_mse", "baseline_ssim", "completion_accuracy",
+            "scratch_accuracy", "accuracy")
     return {a: {g: {k: float(np.mean([r[k] for r in rs if k in r])) for k in keys if any(k in r for r in rs)}
                 for g, rs in groups.items()} for a, groups in acc.items()}
 
@@ -89,6 +92,28 @@ def plot_ssim_bars(rows: list[dict[str, Any]], attack: str, final_round: int, pa
     plt.close(fig)
 
 
+def plot_completion_bars(rows: list[dict[str, Any]], attack: str, final_round: int, path: Path) -> None:
+    """Per client: the completed model's label accuracy, with the client's own accuracy and
+    the from-scratch reference as markers."""
+    rs = sorted((r for r in rows if r["attack"] == attack and r["round"] == final_round),
+                key=lambda r: r["partition_id"])
+    groups = list(dict.fromkeys(r["group"] for r in rs))
+    colours = _colours(groups)
+    xs = range(len(rs))
+    fig, ax = plt.subplots(figsize=(max(6, len(rs) * 0.18), 3.5))
+    ax.bar(xs, [r["completion_accuracy"] for r in rs], color=[colours[r["group"]] for r in rs])
+    ax.plot(xs, [r["scratch_accuracy"] for r in rs], "k_", label="same MLP from scratch")
+    ax.plot(xs, [r.get("accuracy", float("nan")) for r in rs], "r_", label="client accuracy")
+    for g in groups:
+        ax.bar([], [], color=colours[g], label=g)
+    ax.set(xlabel="client (partition id)", ylabel="label accuracy", ylim=(0, 1),
+           title=f"{attack}: completed model's accuracy on each client's labels")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_accuracy_vs_ssim(rows: list[dict[str, Any]], attack: str, final_round: int, path: Path) -> None:
     rs = [r for r in rows if r["attack"] == attack and r["round"] == final_round and "accuracy" in r]
     colours = _colours(list(dict.fromkeys(r["group"] for r in rs)))
@@ -104,10 +129,12 @@ def plot_accuracy_vs_ssim(rows: list[dict[str, Any]], attack: str, final_round: 
 
 
 def plot_over_rounds(rows: list[dict[str, Any]], path: Path) -> None:
+    """Mean inversion SSIM per round, per attack and group."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     by: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        by[(r["attack"], r["group"])][r["round"]].append(r["ssim"])
+        if "ssim" in r:
+            by[(r["attack"], r["group"])][r["round"]].append(r["ssim"])
     for (attack, group), rounds in sorted(by.items()):
         xs = sorted(rounds)
         ax.plot(xs, [np.mean(rounds[x]) for x in xs], marker="o", label=f"{attack} / {group}")
@@ -144,25 +171,45 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
     """All figures and ``report.md``; returns the figure file names."""
     figures = []
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    completion = {r["attack"] for r in rows if "completion_accuracy" in r}
     for attack in attacks:
+        if attack in completion:
+            plot_completion_bars(rows, attack, final_round, run_dir / f"completion_{attack}.png")
+            figures.append(f"completion_{attack}.png")
+            continue
         for name, plot in ((f"ssim_{attack}.png", plot_ssim_bars), (f"accuracy_vs_ssim_{attack}.png",
                                                                   plot_accuracy_vs_ssim)):
             plot(rows, attack, final_round, run_dir / name)
             figures.append(name)
         plot_grid(examples[attack], attack, run_dir / f"reconstructions_{attack}.png")
         figures.append(f"reconstructions_{attack}.png")
-    plot_over_rounds(rows, run_dir / "leakage_over_rounds.png")
-    figures.append("leakage_over_rounds.png")
+    if set(attacks) - completion:
+        plot_over_rounds(rows, run_dir / "leakage_over_rounds.png")
+        figures.append("leakage_over_rounds.png")
     lines = ["# Leakage report", "",
-             f"Attacks on the features the cloud recorded, scored per client (round {final_round}); "
-             "the baseline is the attacker's auxiliary mean image (knowing nothing). "
-             "Per-client rows: `leakage.csv`.", "",
-             "| attack | group | accuracy | MSE | PSNR | SSIM | baseline SSIM |", "|---|---|---|---|---|---|---|"]
-    for attack, groups in means.items():
-        for group, m in groups.items():
-            lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | {m['mse']:.4f} | "
-                         f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['baseline_ssim']:.3f} |")
-    lines += ["", "Attack cost: " + ", ".join(f"{a} {s:.1f} s" for a, s in seconds.items()), ""]
+             f"Attacks on the features the cloud recorded, scored per client (round {final_round}). "
+             "Per-client rows: `leakage.csv`.", ""]
+    if set(attacks) - completion:
+        lines += ["Inversion: the baseline is the attacker's auxiliary mean image (knowing nothing).", "",
+                  "| attack | group | accuracy | MSE | PSNR | SSIM | baseline SSIM |",
+                  "|---|---|---|---|---|---|---|"]
+        for attack in (a for a in means if a not in completion):
+            for group, m in means[attack].items():
+                lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | {m['mse']:.4f} | "
+                             f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['baseline_ssim']:.3f} |")
+        lines.append("")
+    if completion:
+        lines += ["Model completion: the completed model's accuracy on the clients' labels, next to "
+                  "the clients' own accuracy and the same MLP trained from scratch on raw inputs "
+                  "with the same labels.", "",
+                  "| attack | group | client accuracy | completion accuracy | from scratch |",
+                  "|---|---|---|---|---|"]
+        for attack in (a for a in means if a in completion):
+            for group, m in means[attack].items():
+                lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | "
+                             f"{m['completion_accuracy']:.3f} | {m['scratch_accuracy']:.3f} |")
+        lines.append("")
+    lines += ["Attack cost: " + ", ".join(f"{a} {s:.1f} s" for a, s in seconds.items()), ""]
     lines += [f"![{f}]({f})" for f in figures]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return figures

@@ -7,6 +7,8 @@ and the attacks is what guarantees that no attack can read a victim's raw data.
 
 Metrics follow CEM's evaluation on [0, 1] images: MSE, PSNR = 10 log10(1 / MSE) and SSIM with
 an 11x11 Gaussian window (sigma 1.5), each computed per image and averaged over images.
+Completion attacks return labels instead; the scorer, which alone holds the true labels, gives
+their accuracy.
 """
 
 from __future__ import annotations
@@ -52,12 +54,27 @@ class Scorer:
 
     ``images01_by_id`` is either a callable ``ids -> float (N, C, H, W) in [0, 1]``, a float
     tensor (N, C, H, W) in [0, 1] indexed by id, or a dataset's uint8 (N, H, W, C) array (e.g.
-    ``ImageData.train_x``), converted only for the ids asked for.
+    ``ImageData.train_x``), converted only for the ids asked for. ``labels_by_id`` (e.g.
+    ``ImageData.train_y``) is needed only to score completion attacks.
     """
 
     def __init__(self, images01_by_id: Callable[[np.ndarray], torch.Tensor] | torch.Tensor
-                 | np.ndarray) -> None:
+                 | np.ndarray, labels_by_id: np.ndarray | None = None) -> None:
         self._source = images01_by_id
+        self._labels = None if labels_by_id is None else np.asarray(labels_by_id)
+
+    def label_accuracy(self, sample_ids: np.ndarray, predicted: torch.Tensor | np.ndarray) -> float:
+        """Share of ``predicted`` labels equal to the true labels of ``sample_ids``."""
+        if self._labels is None:
+            raise ValueError("this scorer has no labels: pass labels_by_id to score label predictions")
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        return float((np.asarray(predicted) == self._labels[ids]).mean())
+
+    def classifier_accuracy(self, sample_ids: np.ndarray,
+                            classify: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Accuracy of a reference classifier of raw [0, 1] images on the true images of
+        ``sample_ids`` (e.g. a completion attack's from-scratch MLP)."""
+        return self.label_accuracy(sample_ids, classify(self.true_images(sample_ids)))
 
     def true_images(self, sample_ids: np.ndarray) -> torch.Tensor:
         """The true [0, 1] images of ``sample_ids`` (N, C, H, W)."""

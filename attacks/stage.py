@@ -25,7 +25,7 @@ from sim.data import ImageData, to_tensor
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.spec import split_top_level
 
-METRICS = ("mse", "psnr", "ssim")
+METRICS = ("mse", "psnr", "ssim")  # of inversion attacks; completion rows have their accuracies
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -71,7 +71,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
     result = StageResult()
     aux01 = to_tensor(data.test_x[aux_idx])
     aux_labels = torch.from_numpy(data.test_y[aux_idx])
-    scorer = Scorer(data.train_x)
+    scorer = Scorer(data.train_x, data.train_y)
     for g, group in enumerate(groups):
         cut = int(group.cut)
         rows = snapshot.view.get(cut)
@@ -93,17 +93,18 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
             attack.fit(knowledge, aux01, aux_labels)
             for pid in clients:
                 ids, feats = _client_features(rows, pid, samples, seed)
-                recon = attack.run(torch.from_numpy(feats))
-                scores = scorer.score(ids, recon)
-                base = scorer.baseline(aux01, ids)
-                result.rows.append({
-                    "round": snapshot.round, "partition_id": pid, "group": group.name,
-                    "defense": str(group.defense), "attack": attack.name, "attacked": len(ids),
-                    **{m: scores[m] for m in METRICS},
-                    **{f"baseline_{m}": base[m] for m in METRICS},
-                })
-                result.examples.setdefault(attack.name, {}).setdefault(
-                    pid, (scorer.true_images(ids[:8]), recon[:8]))
+                out = attack.run(torch.from_numpy(feats))
+                row = {"round": snapshot.round, "partition_id": pid, "group": group.name,
+                       "defense": str(group.defense), "attack": attack.name, "attacked": len(ids)}
+                if attack.kind == "completion":
+                    row["completion_accuracy"] = scorer.label_accuracy(ids, out)
+                    row["scratch_accuracy"] = scorer.classifier_accuracy(ids, attack.scratch)
+                else:
+                    scores, base = scorer.score(ids, out), scorer.baseline(aux01, ids)
+                    row |= {m: scores[m] for m in METRICS} | {f"baseline_{m}": base[m] for m in METRICS}
+                    result.examples.setdefault(attack.name, {}).setdefault(
+                        pid, (scorer.true_images(ids[:8]), out[:8]))
+                result.rows.append(row)
             result.seconds[attack.name] = result.seconds.get(attack.name, 0.0) + time.perf_counter() - t0
     return result
 

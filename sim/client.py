@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import torch.nn.functional as F
 
 from defenses import FEDERATED_PREFIX, Defense, build_defense, federated_arrays, load_arrays, local_arrays
-from sim.cloud import CloudSession, make_optimizer
+from sim.cloud import CloudSession, make_optimizer, make_tail_optimizer
 from attacks.view import Reservoir
 from sim.config import RESERVOIR_SALT, GroupConfig, SimConfig, config_from_dict, derive_seed
-from sim.models import SplitSpec, build_head, build_tail, load_numpy_state, state_to_numpy
+from sim.models import (LAST_PREFIX, SplitSpec, build_head, build_last, build_tail, load_numpy_state,
+                        state_to_numpy)
 
 
 @dataclass
@@ -87,7 +89,8 @@ def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarra
 class LocalTail:
     """SFL-v1: the client's tail copy runs here, through the cloud's own session class.
 
-    Like every tail link it offers ``train_batch``, ``predict`` and ``finish``.
+    Like every tail link it offers ``train_batch`` and ``predict`` (vanilla split),
+    ``forward``, ``backward`` and ``embed`` (U-shaped split), and ``finish``.
     """
 
     def __init__(self, rt: Runtime, pid: int, group: int, cut: int, round_: int) -> None:
@@ -95,7 +98,8 @@ class LocalTail:
         load_numpy_state(tail, _global_tail(rt, cut, round_))
         tail.to(rt.device)
         reservoir = Reservoir(rt.config.reservoir, derive_seed(rt.config.seed, round_, pid, RESERVOIR_SALT))
-        self.session = CloudSession(tail, make_optimizer(tail.parameters(), rt.config.lr), reservoir)
+        optimizer = make_tail_optimizer(tail.parameters(), rt.config.lr, rt.config.adversary)
+        self.session = CloudSession(tail, optimizer, reservoir)
         self.rt, self.pid, self.group, self.cut, self.round = rt, pid, group, cut, round_
 
     def train_batch(self, ids: np.ndarray, z: np.ndarray, y: np.ndarray, last: bool) -> tuple[np.ndarray, float, int]:
@@ -103,6 +107,15 @@ class LocalTail:
 
     def predict(self, z: np.ndarray, last: bool) -> np.ndarray:
         return self.session.predict(z)
+
+    def forward(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return self.session.forward(ids, z)
+
+    def backward(self, grad_h: np.ndarray, last: bool) -> np.ndarray:
+        return self.session.backward(grad_h)
+
+    def embed(self, z: np.ndarray, last: bool) -> np.ndarray:
+        return self.session.embed(z)
 
     def finish(self, num_examples: int) -> None:
         view = self.session.view(self.pid, self.group, self.cut, self.round,
@@ -122,6 +135,15 @@ class RemoteTail:
 
     def predict(self, z: np.ndarray, last: bool) -> np.ndarray:
         return ray.get(self.cloud.predict.remote(self.pid, z, last))
+
+    def forward(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return ray.get(self.cloud.forward.remote(self.pid, ids, z))
+
+    def backward(self, grad_h: np.ndarray, last: bool) -> np.ndarray:
+        return ray.get(self.cloud.backward.remote(self.pid, grad_h, last))
+
+    def embed(self, z: np.ndarray, last: bool) -> np.ndarray:
+        return ray.get(self.cloud.embed.remote(self.pid, z, last))
 
     def finish(self, num_examples: int) -> None:
         """Nothing to hand over: the shared tail was updated batch by batch."""
@@ -166,14 +188,20 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     seed = derive_seed(rt.config.seed, round_, pid)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    head, defense = build_client_model(rt.specs[cut], str(group.defense), head_state, client_state or {})
+    spec = rt.specs[cut]
+    head, defense = build_client_model(spec, str(group.defense), head_state, client_state or {})
+    last_layer = build_client_last(spec, head_state)  # U-shaped: the client's classifier
     head.to(rt.device)
     defense.to(rt.device)
-    global_params = [p.detach().clone() for p in head.parameters()] if proximal_mu > 0 else []
+    model_params = list(head.parameters())
+    if last_layer is not None:
+        last_layer.to(rt.device).train()
+        model_params += list(last_layer.parameters())
+    global_params = [p.detach().clone() for p in model_params] if proximal_mu > 0 else []
     train_ids, holdout_ids = rt.partitions[pid]
     if defense.wants_epoch_features():  # refresh after aggregation, before the first epoch
         _epoch_end(rt, head, defense, train_ids)
-    optimizer = make_optimizer(list(head.parameters()) + list(defense.parameters()), rt.config.lr)
+    optimizer = make_optimizer(model_params + list(defense.parameters()), rt.config.lr)
     train_batches = [b for _ in range(int(group.epochs))
                      for b in _batches(rng.permutation(train_ids), int(group.batch_size))]
     holdout_batches = _batches(holdout_ids, 512)
@@ -185,19 +213,25 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     for i, ids in enumerate(train_batches):
         x = rt.inputs(ids)
         y = rt.train_y[ids]
+        yt = torch.from_numpy(y).to(rt.device)
         z = head(x)
         z_sent = defense(z)
         last = not holdout_batches and i == len(train_batches) - 1
         payload = z_sent.detach().cpu().numpy()
-        grad, loss, correct = tail.train_batch(ids, payload, y, last)
-        sent += payload.nbytes + y.nbytes
-        received += grad.nbytes
+        optimizer.zero_grad(set_to_none=True)
+        if last_layer is None:
+            grad, loss, correct = tail.train_batch(ids, payload, y, last)
+            sent += payload.nbytes + y.nbytes
+            received += grad.nbytes
+        else:
+            grad, loss, correct, up, down = _ushaped_exchange(tail, last_layer, ids, payload, yt, last)
+            sent += up
+            received += down
         objective = ((z_sent * torch.from_numpy(grad).to(rt.device)).sum()
-                     + defense.loss(x, z, torch.from_numpy(y).to(rt.device)))
+                     + defense.loss(x, z, yt))
         if proximal_mu > 0:
             objective = objective + proximal_mu / 2 * sum(
-                (p - g).pow(2).sum() for p, g in zip(head.parameters(), global_params))
-        optimizer.zero_grad(set_to_none=True)
+                (p - g).pow(2).sum() for p, g in zip(model_params, global_params))
         objective.backward()
         optimizer.step()
         loss_sum += loss * len(ids)
@@ -211,9 +245,15 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     with torch.no_grad():
         for j, ids in enumerate(holdout_batches):
             payload = defense(head(rt.inputs(ids))).cpu().numpy()
-            pred = tail.predict(payload, j == len(holdout_batches) - 1)
+            final = j == len(holdout_batches) - 1
+            if last_layer is None:
+                pred = tail.predict(payload, final)
+                received += pred.nbytes
+            else:
+                h = tail.embed(payload, final)
+                received += h.nbytes
+                pred = last_layer.eval()(torch.from_numpy(h).to(rt.device)).argmax(1).cpu().numpy()
             sent += payload.nbytes
-            received += pred.nbytes
             holdout_hits += int((pred == rt.train_y[ids]).sum())
     tail.finish(len(train_ids))
     metrics = {
@@ -229,7 +269,28 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
         "bytes-received": received,
     }
     metrics |= {f"defense-{k}": float(v) for k, v in defense.report().items()}
-    return state_to_numpy(head) | federated_arrays(defense), local_arrays(defense), metrics
+    model = state_to_numpy(head) | federated_arrays(defense)
+    if last_layer is not None:
+        model |= {LAST_PREFIX + k: v for k, v in state_to_numpy(last_layer).items()}
+    return model, local_arrays(defense), metrics
+
+
+def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, ids: np.ndarray, payload: np.ndarray,
+                      y: torch.Tensor, last: bool) -> tuple[np.ndarray, float, int, int, int]:
+    """One U-shaped training batch: h from the cloud, the loss on the client (labels stay
+    here), dL/dh back, dL/dz in return. Leaves the last layer's gradients accumulated.
+
+    Returns dL/dz, the loss, the hits, and the bytes sent and received.
+    """
+    h_np = tail.forward(ids, payload)
+    h = torch.from_numpy(h_np).to(y.device).requires_grad_(True)
+    logits = last_layer(h)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    grad_h = h.grad.cpu().numpy()
+    grad = tail.backward(grad_h, last)
+    return (grad, float(loss.detach()), int((logits.argmax(1) == y).sum()),
+            payload.nbytes + grad_h.nbytes, h_np.nbytes + grad.nbytes)
 
 
 def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
@@ -240,18 +301,33 @@ def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
 
 
 def initial_model(spec: SplitSpec, defense_text: str) -> dict[str, np.ndarray]:
-    """A group's first model: a fresh head and the defense's fresh federated parameters."""
-    return state_to_numpy(build_head(spec)) | federated_arrays(make_defense(spec, defense_text))
+    """A group's first model: a fresh head and the defense's fresh federated parameters, and in
+    the U-shaped split the client's fresh last layer (federated with the head)."""
+    model = state_to_numpy(build_head(spec)) | federated_arrays(make_defense(spec, defense_text))
+    if spec.ushaped:
+        model |= {LAST_PREFIX + k: v for k, v in state_to_numpy(build_last(spec)).items()}
+    return model
 
 
 def build_client_model(spec: SplitSpec, defense_text: str, model_state: dict[str, np.ndarray],
                        client_state: dict[str, np.ndarray]) -> tuple[torch.nn.Module, Defense]:
     """Head and defense loaded from a group model state and a client's own defense state."""
     head = build_head(spec)
-    load_numpy_state(head, {k: v for k, v in model_state.items() if not k.startswith(FEDERATED_PREFIX)})
+    load_numpy_state(head, {k: v for k, v in model_state.items()
+                            if not k.startswith((FEDERATED_PREFIX, LAST_PREFIX))})
     defense = make_defense(spec, defense_text)
     load_arrays(defense, model_state, client_state)
     return head, defense
+
+
+def build_client_last(spec: SplitSpec, model_state: dict[str, np.ndarray]) -> torch.nn.Module | None:
+    """The U-shaped client's last layer from a group model state; None in the vanilla split."""
+    if not spec.ushaped:
+        return None
+    layer = build_last(spec)
+    load_numpy_state(layer, {k[len(LAST_PREFIX):]: v for k, v in model_state.items()
+                             if k.startswith(LAST_PREFIX)})
+    return layer
 
 
 def _epoch_end(rt: Runtime, head: torch.nn.Module, defense: Any, train_ids: np.ndarray) -> None:

@@ -10,6 +10,14 @@ protocol (DESIGN.md, data plane):
 * ``sflv2`` (one shared tail): every batch goes to the cloud actor, which serves the clients of
   a wave in a seeded round-robin order, so the shared tail sees batches in an order fixed by the
   seed rather than by which actor happens to call first.
+
+In the U-shaped split the client keeps the last layer: a batch is two exchanges, ``forward``
+(z in, the tail's output h back) and ``backward`` (dL/dh in, dL/dz back, the tail stepped), and
+no label ever reaches the cloud. Two calls are needed because the client can only compute
+dL/dh after it has h; an SFL-v2 client holds its turn between them, so no other client's step
+changes the shared tail while its graph is pending. (Merging a batch's backward into the next
+batch's forward would save one call but train the head one step stale; measured on the small
+model, the second call costs ~1 ms against ~10 ms of tail compute per batch.)
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.completion import MaliciousOptimizer
 from attacks.view import ClientView, FeatureStore, Reservoir
 from sim.config import RESERVOIR_SALT, derive_seed
 from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
@@ -36,16 +45,29 @@ def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-class CloudSession:
-    """One client's exchange with a tail in one round: train steps, predictions, the record."""
+def make_tail_optimizer(params: Any, lr: float, adversary: str) -> Any:
+    """The cloud's tail optimiser: the honest one, or wrapped in Fu et al.'s MaliciousSGD
+    scaling when the cloud is an active adversary (it then trains its tail to learn more of
+    the task, for a stronger model completion afterwards)."""
+    optimizer = make_optimizer(params, lr)
+    return MaliciousOptimizer(optimizer) if adversary == "active" else optimizer
 
-    def __init__(self, tail: nn.Module, optimizer: torch.optim.Optimizer, reservoir: Reservoir) -> None:
+
+class CloudSession:
+    """One client's exchange with a tail in one round: train steps, predictions, the record.
+
+    Vanilla split: ``train_batch`` (z and labels in, dL/dz out) and ``predict``. U-shaped
+    split: ``forward`` then ``backward`` per training batch, and ``embed`` for inference.
+    """
+
+    def __init__(self, tail: nn.Module, optimizer: Any, reservoir: Reservoir) -> None:
         self.tail = tail
         self.device = next(tail.parameters()).device
         self.optimizer = optimizer
         self.reservoir = reservoir
         self.bytes_received = 0
         self.bytes_sent = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # U-shaped: (z, h)
 
     def train_batch(self, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
         """Record z, run the tail, step it, and return dL/dz with the batch loss and hits."""
@@ -63,11 +85,46 @@ class CloudSession:
         self.bytes_sent += grad.nbytes
         return grad, float(loss.detach()), int((out.argmax(1) == yt).sum())
 
+    def forward(self, sample_ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """U-shaped: record z, run the tail in training mode and return its output h.
+
+        The graph is kept until :meth:`backward` brings dL/dh for the same batch.
+        """
+        self.reservoir.add(sample_ids, z)
+        self.bytes_received += z.nbytes
+        zt = torch.from_numpy(z).to(self.device).requires_grad_(True)
+        self.tail.train()
+        h = self.tail(zt)
+        self._pending = (zt, h)
+        out = h.detach().cpu().numpy()
+        self.bytes_sent += out.nbytes
+        return out
+
+    def backward(self, grad_h: np.ndarray) -> np.ndarray:
+        """U-shaped: back-propagate the client's dL/dh, step the tail, return dL/dz."""
+        if self._pending is None:
+            raise RuntimeError("backward() without a forward() for the batch")
+        zt, h = self._pending
+        self._pending = None
+        self.bytes_received += grad_h.nbytes
+        self.optimizer.zero_grad(set_to_none=True)
+        h.backward(torch.from_numpy(grad_h).to(self.device))
+        self.optimizer.step()
+        grad = zt.grad.cpu().numpy()
+        self.bytes_sent += grad.nbytes
+        return grad
+
     @torch.no_grad()
     def predict(self, z: np.ndarray) -> np.ndarray:
         """Class predictions for features (the client's held-out accuracy); not recorded."""
         self.tail.eval()
         return self.tail(torch.from_numpy(z).to(self.device)).argmax(1).cpu().numpy()
+
+    @torch.no_grad()
+    def embed(self, z: np.ndarray) -> np.ndarray:
+        """U-shaped inference: the tail's output h for features (the client classifies it)."""
+        self.tail.eval()
+        return self.tail(torch.from_numpy(z).to(self.device)).cpu().numpy()
 
     def view(self, partition_id: int, group: int, cut: int, round_: int,
              feature_shape: tuple[int, ...]) -> ClientView:
@@ -106,14 +163,15 @@ class CloudActor:
         self._setup = setup
         cfg = setup["config"]
         self.seed, self.lr, self.capacity = cfg["seed"], cfg["lr"], cfg["reservoir"]
+        adversary = cfg.get("adversary", "passive")
         self.specs = {cut: SplitSpec(**spec) for cut, spec in setup["specs"].items()}
         self.tails: dict[int, nn.Module] = {}
-        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.optimizers: dict[int, Any] = {}
         for cut, state in tails.items():
             self.tails[cut] = build_tail(self.specs[cut])
             load_numpy_state(self.tails[cut], state)
             self.tails[cut].to(setup["device"])
-            self.optimizers[cut] = make_optimizer(self.tails[cut].parameters(), self.lr)
+            self.optimizers[cut] = make_tail_optimizer(self.tails[cut].parameters(), self.lr, adversary)
         self.store = FeatureStore()
         self.pending: dict[int, _Pending] = {}
         # SFL-v2 turn-taking state.
@@ -162,17 +220,19 @@ class CloudActor:
                                    Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)))
             self._sessions[pid] = (session, group, cut, round_)
 
-    async def _call(self, pid: int, last: bool, fn: Any) -> Any:
+    async def _call(self, pid: int, last: bool, fn: Any, keep_turn: bool = False) -> Any:
+        """Run ``fn`` on the client's session in its turn; then pass the turn on, unless
+        ``keep_turn`` (a U-shaped forward whose backward must follow on the same tail)."""
         async with self._cond:
             await self._cond.wait_for(lambda: self._order and self._order[self._turn] == pid)
             result = fn(self._sessions[pid][0])
-            if last:
+            if last and not keep_turn:
                 self._order.pop(self._turn)
                 session, group, cut, round_ = self._sessions.pop(pid)
                 self.store.put(session.view(pid, group, cut, round_, self.specs[cut].feature_shape))
                 if self._turn >= len(self._order):
                     self._turn = 0
-            else:
+            elif not keep_turn:
                 self._turn = (self._turn + 1) % len(self._order)
             self._cond.notify_all()
             return result
@@ -200,6 +260,15 @@ class CloudActor:
 
     async def predict(self, pid: int, z: np.ndarray, last: bool = False) -> np.ndarray:
         return await self._call(pid, last, lambda s: s.predict(z))
+
+    async def forward(self, pid: int, sample_ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return await self._call(pid, False, lambda s: s.forward(sample_ids, z), keep_turn=True)
+
+    async def backward(self, pid: int, grad_h: np.ndarray, last: bool = False) -> np.ndarray:
+        return await self._call(pid, last, lambda s: s.backward(grad_h))
+
+    async def embed(self, pid: int, z: np.ndarray, last: bool = False) -> np.ndarray:
+        return await self._call(pid, last, lambda s: s.embed(z))
 
     # ------------------------------------------------------------------------------ results
 

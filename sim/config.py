@@ -20,8 +20,10 @@ import numpy as np
 import yaml
 
 from sim.data import DATASETS, PARTITIONS
+from sim.models import SPLITS
 
 PROTOCOLS = ("sflv1", "sflv2")
+ADVERSARIES = ("passive", "active")
 RESERVOIR_SALT = 7  # seeds of the cloud's reservoirs (and its SFL-v2 waves)
 ROUND_SALT = 11  # seeds of a round's server-side draws: sampling, wave order, evaluation noise
 DEVICES = ("cpu", "cuda", "auto")
@@ -70,6 +72,8 @@ class SimConfig:
     classes_per_client: int = 2
     shards_per_client: int = 2
     protocol: str = "sflv2"
+    split: str = "vanilla"
+    adversary: str = "passive"
     seed: int = 0
     out: str = "runs"
     device: str = "cpu"
@@ -223,6 +227,9 @@ def validate(cfg: SimConfig) -> None:
     _check(cfg.classes_per_client >= 1, "classes_per_client", "must be at least 1")
     _check(cfg.shards_per_client >= 1, "shards_per_client", "must be at least 1")
     _check(cfg.protocol in PROTOCOLS, "protocol", f"'{cfg.protocol}' unknown; allowed: {', '.join(PROTOCOLS)}")
+    _check(cfg.split in SPLITS, "split", f"'{cfg.split}' unknown; allowed: {', '.join(SPLITS)}")
+    _check(cfg.adversary in ADVERSARIES, "adversary",
+           f"'{cfg.adversary}' unknown; allowed: {', '.join(ADVERSARIES)}")
     _check(cfg.device in DEVICES, "device", f"'{cfg.device}' unknown; allowed: {', '.join(DEVICES)}")
     _check(cfg.client_cpus > 0, "client_cpus", f"must be > 0, got {cfg.client_cpus}")
     _check(cfg.client_gpus >= 0, "client_gpus", f"must be >= 0, got {cfg.client_gpus}")

@@ -6,6 +6,10 @@ runs (CEM's ``vgg11_bn_sgm``, cut after layer 4, 8 channels). The architecture i
 list (an int is conv3x3-BN-ReLU with that many channels, ``"M"`` a 2x2 max-pool); the cut layer
 counts entries of that list. The tail starts with an "un-bottleneck" conv back to the width the
 head had at the cut, then the rest of the list, then the classifier.
+
+In the U-shaped split (``split="ushaped"``) the classifier's last Linear layer stays on the
+client (:func:`build_last`), so the cloud's tail ends at the penultimate activations ``h`` and
+neither labels nor predictions ever reach the cloud (the setting of model-completion attacks).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ ARCHS: dict[str, tuple[list[int | str], tuple[int, ...]]] = {
 
 DEFAULT_ARCH = {1: "small", 3: "vgg11_bn"}  # by input channels
 DEFAULT_CUT = 4
+SPLITS = ("vanilla", "ushaped")
+LAST_PREFIX = "last."  # the client's last layer inside a U-shaped head state
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class SplitSpec:
     num_classes: int
     cut: int = DEFAULT_CUT
     bottleneck: int = 8
+    split: str = "vanilla"  # "ushaped": the client keeps the classifier's last layer
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -43,6 +50,8 @@ class SplitSpec:
         cfg = ARCHS[self.arch][0]
         if not 1 <= self.cut <= len(cfg):
             raise ValueError(f"cut layer must be in 1..{len(cfg)} for {self.arch}, got {self.cut}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split '{self.split}'; known: {', '.join(SPLITS)}")
         if self.bottleneck < 1:
             raise ValueError(f"bottleneck width must be >= 1, got {self.bottleneck}")
         pools = sum(1 for v in cfg if v == "M")
@@ -52,6 +61,15 @@ class SplitSpec:
     def _channels_at_cut(self) -> int:
         convs = [v for v in ARCHS[self.arch][0][: self.cut] if v != "M"]
         return int(convs[-1]) if convs else self.in_shape[0]
+
+    @property
+    def ushaped(self) -> bool:
+        return self.split == "ushaped"
+
+    @property
+    def hidden_width(self) -> int:
+        """Width of ``h``, the penultimate activations (the U-shaped tail's output)."""
+        return ARCHS[self.arch][1][-1]
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -86,7 +104,8 @@ def build_head(spec: SplitSpec) -> nn.Sequential:
 
 
 def build_tail(spec: SplitSpec) -> nn.Sequential:
-    """Cloud tail: un-bottleneck conv, the rest of the VGG list, then the classifier."""
+    """Cloud tail: un-bottleneck conv, the rest of the VGG list, then the classifier; without
+    the classifier's last Linear layer in the U-shaped split (the client has it)."""
     cfg, hidden = ARCHS[spec.arch]
     width = spec._channels_at_cut()
     layers: list[nn.Module] = [
@@ -106,8 +125,14 @@ def build_tail(spec: SplitSpec) -> nn.Sequential:
         else:
             layers += [nn.Linear(flat, h), nn.ReLU(True), nn.Dropout(0.5)]
         flat = h
-    layers.append(nn.Linear(flat, spec.num_classes))
+    if not spec.ushaped:
+        layers.append(build_last(spec))
     return nn.Sequential(*layers)
+
+
+def build_last(spec: SplitSpec) -> nn.Linear:
+    """The classifier's last layer, ``h -> logits``: the tail's end, or the U-shaped client's."""
+    return nn.Linear(spec.hidden_width, spec.num_classes)
 
 
 def state_to_numpy(module: nn.Module) -> dict[str, "object"]:

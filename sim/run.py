@@ -56,6 +56,10 @@ HELP = {
     "classes_per_client": "classes per client for --partition pathological",
     "shards_per_client": "shards per client for --partition shards",
     "protocol": "sflv1 (a tail copy per client, averaged per round) or sflv2 (one shared tail)",
+    "split": "vanilla (the cloud's tail ends with the classifier; labels go to the cloud) or ushaped "
+             "(the client keeps the last layer: labels and predictions stay on the client)",
+    "adversary": "passive (the cloud trains honestly) or active (it trains its tail with the "
+                 "malicious gradient-scaling optimiser of Fu et al., for the amc attack)",
     "seed": "seed of everything: sampling, partitions, initialisation, noise",
     "out": "folder under which the run directory is created",
     "device": "where torch computes: cpu, cuda or auto",
@@ -139,7 +143,7 @@ def prepare(cfg: SimConfig) -> Prepared:
     arch = cfg.arch or DEFAULT_ARCH.get(data.shape[0], "vgg11_bn")
     specs = {}
     for i, g in enumerate(groups):
-        spec = SplitSpec(arch, data.shape, data.num_classes, int(g.cut), cfg.bottleneck)
+        spec = SplitSpec(arch, data.shape, data.num_classes, int(g.cut), cfg.bottleneck, cfg.split)
         try:
             spec.validate()
         except ValueError as exc:
@@ -171,6 +175,12 @@ def _check_attacks(cfg: SimConfig) -> None:
         if LEVELS.index(attack.needs) > LEVELS.index(cfg.attacker_knowledge):
             raise ConfigError("attacks", f"'{attack.name}' needs attacker knowledge '{attack.needs}', "
                               f"but --attacker-knowledge is '{cfg.attacker_knowledge}'")
+        if cfg.split not in attack.splits:
+            raise ConfigError("attacks", f"'{attack.name}' needs --split {' or '.join(attack.splits)}, "
+                              f"but the run's split is '{cfg.split}'")
+        if attack.adversary == "active" and cfg.adversary != "active":
+            raise ConfigError("attacks", f"'{attack.name}' needs --adversary active (a cloud that "
+                              "trained its tail maliciously); use pmc for a passive cloud")
 
 
 def make_run_dir(cfg: SimConfig) -> Path:
@@ -310,8 +320,9 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
     report.update_summary(run_dir, means, seconds)
     for name, groups in means.items():
         console.print(f"leakage {name}: " + ", ".join(
-            f"{g} SSIM {m['ssim']:.3f} (baseline {m['baseline_ssim']:.3f})" for g, m in groups.items())
-            + f"  [{seconds[name]:.0f} s]")
+            f"{g} SSIM {m['ssim']:.3f} (baseline {m['baseline_ssim']:.3f})" if "ssim" in m else
+            f"{g} label accuracy {m['completion_accuracy']:.3f} (from scratch {m['scratch_accuracy']:.3f})"
+            for g, m in groups.items()) + f"  [{seconds[name]:.0f} s]")
 
 
 def export_view(run_dir: Path, target: str) -> None:

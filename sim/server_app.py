@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from attacks.view import FeatureStore
 from sim.config import ROUND_SALT, SimConfig, derive_seed
-from sim.client import build_client_model
+from sim.client import build_client_last, build_client_model
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.records import from_record, to_record
 from strategies import resolve_strategy
@@ -114,13 +114,15 @@ def _map_partitions(grid: Grid, n: int) -> dict[int, int]:
 @torch.no_grad()
 def evaluate_group(spec: SplitSpec, head_state: dict[str, np.ndarray], tail_state: dict[str, np.ndarray],
                    defense_text: str, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Test accuracy of one group's head with the cloud's tail, the defense on as in use."""
+    """Test accuracy of one group's head with the cloud's tail, the defense on as in use, and
+    in the U-shaped split the client's last layer after the tail."""
     head, defense = build_client_model(spec, defense_text, head_state, {})
     tail = build_tail(spec)
     load_numpy_state(tail, tail_state)
-    for m in (head, tail, defense):
+    last = build_client_last(spec, head_state) or torch.nn.Identity()
+    for m in (head, tail, defense, last):
         m.eval()
-    hits = sum(int((tail(defense(head(xb))).argmax(1) == yb).sum())
+    hits = sum(int((last(tail(defense(head(xb)))).argmax(1) == yb).sum())
                for xb, yb in zip(x.split(1000), y.split(1000)))
     return hits / len(y)
 
