@@ -176,6 +176,15 @@ def test_ka_above_baseline_but_weaker_than_decoder(results):
     assert ka["ssim"] < decoder["ssim"]
 
 
+@needs_fashion
+def test_gan_refinement_runs_and_beats_knowing_nothing(results):
+    """CEM's WGAN-GP refinement of the decoder, scaled down: it must run and stay a real
+    attack (its reconstructions no worse than the mean-image baseline)."""
+    gan = results("gan", "none", **DECODER, gan_epochs=1, gan_batch_size=64, n_critic=5,
+                  critic_width=16)
+    assert gan["ssim"] > gan["baseline"]["ssim"]
+
+
 # ---------------------------------------------------------------- knowledge levels
 
 
@@ -295,7 +304,7 @@ def test_decoder_shapes(feature, image, doublings, resize):
 
 
 def test_build_attack_registry():
-    assert set(ATTACKS) >= {"decoder", "rmle", "ka"}
+    assert set(ATTACKS) >= {"decoder", "rmle", "ka", "gan", "pmc", "amc"}
     assert {ATTACKS[n].needs for n in ATTACKS} <= set(attacks.LEVELS)
     attack = build_attack("rmle(steps=10, tv=0)", lr=1)
     assert (attack.steps, attack.tv, attack.lr) == (10, 0.0, 1.0)
