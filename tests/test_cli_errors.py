@@ -30,6 +30,10 @@ CASES = {
     "more clients than samples": (["--clients", "100", "--train-subset", "50"], "clients"),
     "cut out of range": (["--cut", "9"], "cut"),
     "missing config file": (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    "unknown split": (["--split", "vshaped"], "split: 'vshaped' unknown"),
+    "pmc on a vanilla split": (["--attacks", "pmc"], "'pmc' needs --split ushaped"),
+    "amc by a passive cloud": (["--split", "ushaped", "--attacks", "amc"], "'amc' needs --adversary active"),
+    "unknown adversary": (["--adversary", "evil"], "adversary"),
 }
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from attacks.view import ClientView, FeatureStore, Reservoir, load_view
 from sim.cloud import CloudSession, average_states, make_optimizer
 from sim.config import ConfigError, GroupConfig, SimConfig, config_from_dict, load_config, validate
+from attacks.completion import MaliciousOptimizer
 from sim.models import SplitSpec, build_head, build_tail
 from sim.spec import SpecError, parse_call, parse_chain
 
@@ -33,6 +34,47 @@ def test_split_gradient_equals_end_to_end_gradient():
     for got, want in zip((p.grad for p in head.parameters()), expected):
         torch.testing.assert_close(got, want)
     assert session.bytes_received == z.numel() * 4 + 16 * 8 and session.bytes_sent == z.numel() * 4
+
+
+def test_ushaped_exchange_equals_end_to_end_gradient():
+    """U-shaped: h from the cloud, the loss on the client's last layer, dL/dh back, dL/dz in
+    return give exactly the unsplit model's gradients, and the cloud never receives a label."""
+    torch.manual_seed(0)
+    spec = SplitSpec("small", (1, 28, 28), 10)
+    head, full = build_head(spec), build_tail(spec)
+    for module in full.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    F.cross_entropy(full(head(x)), y).backward()
+    expected = [p.grad.clone() for p in [*head.parameters(), *full.parameters()]]
+    head.zero_grad()
+    tail, last = full[:-1], full[-1]  # the U-shaped tail and the client's last layer
+    assert len(build_tail(SplitSpec("small", (1, 28, 28), 10, split="ushaped"))) == len(tail)
+    full.zero_grad()
+    session = CloudSession(tail, torch.optim.SGD(tail.parameters(), lr=0.0), Reservoir(4, 0))
+    z = head(x)
+    h = torch.from_numpy(session.forward(np.arange(16), z.detach().numpy())).requires_grad_(True)
+    F.cross_entropy(last(h), y).backward()
+    grad = session.backward(h.grad.numpy())
+    (z * torch.from_numpy(grad)).sum().backward()
+    for got, want in zip([p.grad for p in [*head.parameters(), *full.parameters()]], expected):
+        torch.testing.assert_close(got, want)
+    assert session.bytes_received == z.numel() * 4 + h.numel() * 4  # z and dL/dh: no labels
+    assert session.bytes_sent == h.numel() * 4 + z.numel() * 4
+
+
+def test_malicious_optimizer_scales_the_update():
+    """MaliciousSGD over plain SGD: the first step is honest, later ones scale each entry's
+    update by clamp(1 + g_t / g_{t-1}, 1, 5)."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = MaliciousOptimizer(torch.optim.SGD([w], lr=1.0))
+    for grad, expected in (([1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]),
+                           ([2.0, -1.0, 0.5, 10.0], [-2.0 * 3, 1.0 * 1, -0.5 * 1.5, -10.0 * 5])):
+        before = w.detach().clone()
+        w.grad = torch.tensor(grad)
+        opt.step()
+        torch.testing.assert_close(w.detach() - before, torch.tensor(expected))
 
 
 def test_session_trains_the_tail_and_records_features():
