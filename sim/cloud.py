@@ -16,8 +16,9 @@ In the U-shaped split the client keeps the last layer: a batch is two exchanges,
 no label ever reaches the cloud. Two calls are needed because the client can only compute
 dL/dh after it has h; an SFL-v2 client holds its turn between them, so no other client's step
 changes the shared tail while its graph is pending. (Merging a batch's backward into the next
-batch's forward would save one call but train the head one step stale; measured on the small
-model, the second call costs ~1 ms against ~10 ms of tail compute per batch.)
+batch's forward would save one call but train the head one step stale. Measured through the
+actor on 2 busy cores, small model, batch 32, median of 250 batches: 17.1 ms per batch for the
+vanilla single call, 19.4 ms for the U-shaped pair, 1.14x.)
 """
 
 from __future__ import annotations

@@ -4,10 +4,14 @@ Measured on this setup (4 clients, 2 rounds, 2000 training samples, seed 0, SFL-
 amc with their defaults: 40 labels, 4000 unlabelled aux images, 1000 MixMatch steps; 64
 recorded features scored per client):
 
-| run | global accuracy | completion (pmc / amc) | same MLP from scratch |
+| run | global / clients' held-out accuracy | completion | same MLP from scratch |
 |---|---|---|---|
-| passive cloud | 0.761 | pmc 0.652 | 0.527 |
-| active cloud (MaliciousSGD) | 0.775 | pmc MEASURED_PA, amc MEASURED_AA | MEASURED_AS |
+| passive cloud | 0.761 / 0.735 | pmc 0.652 | 0.527 |
+| active cloud (MaliciousSGD) | 0.775 / - | amc 0.641 (pmc on it: the same) | 0.527 |
+
+At this scale (two rounds, Adam under the malicious scaling) the active cloud's tail completes
+no better than the honest one: amc is within about one point of pmc, inside the spread of 64
+scored samples per client, hence the tolerance of 0.03 in the amc test.
 
 The shape of InfoScissors' 69 / 77 / 15 % (CIFAR-10): completion close to the clients' own
 accuracy and well above the from-scratch MLP. Raw Fashion-MNIST pixels are far more
@@ -87,15 +91,15 @@ def test_view_maps_to_the_right_samples(passive):
 
 
 def test_pmc_completes_the_model(passive):
-    """Measured: pmc 0.652, scratch 0.527, client accuracy (held-out, per client) ~0.76."""
+    """Measured: pmc 0.652, scratch 0.527, clients' held-out accuracy 0.735 (means over clients)."""
     rows = leakage(passive)
     assert {(int(r["partition_id"]), r["attack"]) for r in rows} == {(p, "pmc") for p in range(4)}
     completion = mean(rows, "completion_accuracy", "pmc")
     scratch = mean(rows, "scratch_accuracy", "pmc")
     clients = mean(rows, "accuracy", "pmc")
     assert completion > scratch + 0.07
-    assert completion > clients - 0.2
-    assert all(r["ssim"] == "" for r in rows)  # completion rows carry no inversion metrics
+    assert completion > clients - 0.15
+    assert not any(r.get("ssim") for r in rows)  # completion rows carry no inversion metrics
     assert "completion_pmc.png" in (passive / "report.md").read_text()
 
 
