@@ -110,3 +110,28 @@ def test_amc_at_least_as_strong_as_pmc(passive, tmp_path):
     amc = mean(leakage(active), "completion_accuracy", "amc")
     pmc = mean(leakage(passive), "completion_accuracy", "pmc")
     assert amc >= pmc - 0.03, (amc, pmc)
+
+
+def test_report_handles_inversion_and_completion_rows(tmp_path):
+    """One run's rows of both kinds: one CSV, group means per kind, both tables and figures."""
+    from attacks import report
+
+    rows = []
+    for pid in range(3):
+        common = {"round": 2, "partition_id": pid, "group": "all", "defense": "none", "attacked": 8,
+                  "accuracy": 0.7 + pid / 100}
+        rows.append({**common, "attack": "decoder", "mse": 0.01, "psnr": 20.0, "ssim": 0.6 + pid / 10,
+                     "baseline_mse": 0.08, "baseline_psnr": 11.0, "baseline_ssim": 0.17})
+        rows.append({**common, "attack": "pmc", "completion_accuracy": 0.6 + pid / 10,
+                     "scratch_accuracy": 0.5})
+    examples = {"decoder": {p: (torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)) for p in range(3)}}
+    (tmp_path / "summary.json").write_text("{}")
+    report.write_csv(rows, tmp_path / "leakage.csv")
+    means = report.group_means(rows, 2)
+    assert means["pmc"]["all"]["completion_accuracy"] == pytest.approx(0.7)
+    assert "ssim" not in means["pmc"]["all"] and means["decoder"]["all"]["ssim"] == pytest.approx(0.7)
+    figures = report.write_report(tmp_path, rows, examples, means, {"decoder": 1.0, "pmc": 1.0}, 2)
+    assert {"completion_pmc.png", "ssim_decoder.png", "leakage_over_rounds.png"} <= set(figures)
+    text = (tmp_path / "report.md").read_text()
+    assert "| decoder | all |" in text and "| pmc | all | 0.710 | 0.700 | 0.500 |" in text
+    assert len(leakage(tmp_path)) == 6
