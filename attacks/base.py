@@ -181,7 +181,7 @@ class Attack:
         """Prepare the attack from the cloud's knowledge and public, [0, 1] auxiliary images.
 
         ``aux_labels`` (int64, one per image) are the public labels of the auxiliary data;
-        only attacks that need them (KA) read them.
+        only attacks that need them (KA; pmc and amc, 4 per class) read them.
         """
         if not knowledge.allows(self.needs):
             raise AttackError(f"attack '{self.name}' needs knowledge level '{self.needs}' or "

@@ -6,6 +6,11 @@ its own tail and trains it with a handful of labelled public samples (4 per clas
 unlabelled rest, semi-supervised with MixMatch. Applied to the features a client sent, the
 completed model predicts that client's labels.
 
+The client's last layer is federated with the head, so a cloud that is also the aggregating
+server holds it and needs no completion at all; these attacks model a cloud that is not (a
+separate aggregator, or secure aggregation): :class:`~attacks.base.Knowledge` never carries the
+last layer, only the head (query oracle) and the cloud's own tail.
+
 * ``pmc`` (passive): done after an honest training.
 * ``amc`` (active): the cloud trained its tail during the federation with
   :class:`MaliciousOptimizer` (Fu et al.'s MaliciousSGD), which scales up its tail's updates so
