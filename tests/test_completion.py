@@ -29,7 +29,7 @@ import torch
 from attacks.view import load_view
 from sim.client import initial_model
 from sim.records import record_bytes, to_record
-from tests.simhelpers import SMALL, head_features, metrics, prepared, run_sim
+from tests.simhelpers import SMALL, head_features, metrics, prepared, run_sim, without_timings
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,12 @@ def test_no_label_crosses_to_the_cloud(request, run):
             holdout = len(prep.partitions[c["partition_id"]][1])
             assert c["bytes_sent"] == trained * (z_bytes + h_bytes) + holdout * z_bytes + model_bytes
             assert c["bytes_received"] == trained * (h_bytes + z_bytes) + holdout * h_bytes + model_bytes
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers_ushaped_sflv1(sflv1, tmp_path):
+    again = run_sim(tmp_path, *SMALL, "--split", "ushaped", "--protocol", "sflv1")
+    assert without_timings(metrics(again)) == without_timings(metrics(sflv1))
 
 
 def test_view_maps_to_the_right_samples(passive):
