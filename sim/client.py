@@ -235,7 +235,7 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
 def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
     """Build a defense for features of ``spec``'s shape (layers sized by z exist from the start)."""
     defense = build_defense(defense_text)
-    defense.bind(spec.feature_shape)
+    defense.bind(spec.feature_shape, spec.in_shape)
     return defense
 
 
