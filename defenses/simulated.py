@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.models import build_decoder
 from defenses.base import Defense
 
 
@@ -71,6 +70,9 @@ class SimulatedAttacker(Defense):
             if shapes != self.shapes:
                 raise ValueError(f"{self.name}: already bound to {self.shapes}, got {shapes}")
             return
+        # Imported here: the attacks package imports the defenses (its query oracle applies them).
+        from attacks.models import build_decoder
+
         self.shapes = shapes
         self.decoder = build_decoder(shapes[0], shapes[1], self.width, self.blocks)
 
