@@ -141,6 +141,9 @@ def load_arrays(defense: Defense, federated: dict[str, np.ndarray], local: dict[
         for k, v in given.items():
             if k not in own:
                 raise ValueError(f"defense state has no entry '{k}'")
+            v = np.asarray(v)
+            if own[k].dim() == 0 and v.size == 1:  # a scalar (BatchNorm's count) comes
+                v = v.reshape(())  # back 1-d from Flower's Array
             if own[k].shape != v.shape:  # e.g. CEM centroids sized by what the client saw
                 own[k].data = torch.tensor(v, dtype=own[k].dtype)
             else:
