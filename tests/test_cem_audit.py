@@ -56,15 +56,23 @@ def test_summary_has_the_rank_correlation(run_dir):
 
 
 def test_simulated_attackers_train_inside_the_simulation(run_dir):
-    final = [c for c in metrics(run_dir)[-1]["clients"]]
-    by_group = {}
-    for c in final:
-        by_group.setdefault(c["group"], []).append(c)
-    assert len(final) == 8
-    for c in final:
+    """The simulated decoders are federated: what clients learn in round 1 carries to round 2.
+
+    Measured on this run: the adversarial decoder's SSIM per client went from about 0.08 in
+    round 1 to 0.16 in round 2 (still under the 0.5 threshold at this tiny scale, so the
+    penalty stays off), InfoScissors' paired MSE from 0.135 to 0.097.
+    """
+    records = metrics(run_dir)
+    assert len(records) == 2 and all(len(r["clients"]) == 8 for r in records)
+
+    def mean(round_: int, group: str, key: str) -> float:
+        values = [c[key] for c in records[round_]["clients"] if c["group"] == group]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), (group, key, values)
+        return sum(values) / 2
+
+    for c in records[-1]["clients"]:
         assert c["accuracy"] > 0.2  # chance is 0.1
-    groups = list(GROUPS)
-    for c in by_group[groups.index("adversarial")]:
-        assert 0 < c["defense-adversarial.ssim"] < 1 and 0 <= c["defense-adversarial.active"] <= 1
-    for c in by_group[groups.index("infoscissors")]:
-        assert 0 < c["defense-paired-mse"] < 1 and math.isfinite(c["defense-bound"])
+    assert 0 < mean(0, "adversarial", "defense-adversarial.ssim") < mean(1, "adversarial", "defense-adversarial.ssim") < 1
+    assert 0 <= mean(1, "adversarial", "defense-adversarial.active") <= 1
+    assert 0 < mean(1, "infoscissors", "defense-paired-mse") < mean(0, "infoscissors", "defense-paired-mse")
+    assert math.isfinite(mean(1, "infoscissors", "defense-bound"))

@@ -461,11 +461,14 @@ def test_simulated_attackers_raise_the_decoder_attacks_error():
     """Against the real decoder attack, both defenses leave the attacker a worse reconstruction.
 
     Run with ``benchmarks.reproduction`` (the centralised harness, reference model, 5000
-    images, 3 epochs, decoder attack 16x1 on 2000 public images, 500 victims). Measured with
-    seeds 0 / 1: no defense MSE 0.0195 / SEED1_NONE, SSIM 0.480 / ...; adversarial(alpha=1)
-    MSE 0.0252 / ..., SSIM 0.388 / ...; infoscissors(lam_x=1) MSE 0.0243 / ..., SSIM 0.403 / ...,
-    accuracy within 1.5 points of no defense. Re-training a head moves MSE ~10 % (calibration),
-    so the thresholds ask for a 12 % rise and an SSIM drop of 0.04.
+    images, 3 epochs, batch 64; decoder attack 16x1, 3 epochs on 2000 public images, 500
+    victims). Measured with seeds 0 / 1 (this test runs seed 0):
+    no defense MSE 0.0195 / 0.0192, SSIM 0.480 / 0.529, accuracy 0.818 / 0.830;
+    adversarial(alpha=1) MSE 0.0252 / 0.0204, SSIM 0.388 / 0.473, accuracy 0.817 / 0.823;
+    infoscissors(lam_x=1) MSE 0.0243 / 0.0201, SSIM 0.403 / 0.481, accuracy 0.831 / 0.835.
+    The SSIM drop (0.05-0.09) is the steadier effect; the MSE rise was 25-29 % with seed 0 but
+    5-6 % with seed 1 (re-training a head moves MSE ~10 %, calibration). So the thresholds ask
+    for any MSE rise above 3 %, an SSIM drop of 0.03 and at most 3 points of accuracy lost.
     """
     from benchmarks.reproduction import Harness, Scale
 
@@ -473,8 +476,8 @@ def test_simulated_attackers_raise_the_decoder_attacks_error():
     plain = harness.evaluate("none")
     for text in ("adversarial(alpha=1.0)", "infoscissors(lam_x=1.0)"):
         got = harness.evaluate(text)
-        assert got.mse > 1.12 * plain.mse and got.ssim < plain.ssim - 0.04, (text, got, plain)
-        assert got.accuracy > plain.accuracy - 0.04, (text, got, plain)
+        assert got.mse > 1.03 * plain.mse and got.ssim < plain.ssim - 0.03, (text, got, plain)
+        assert got.accuracy > plain.accuracy - 0.03, (text, got, plain)
 
 
 # ------------------------------------------------------------------ training effects
