@@ -45,8 +45,8 @@ def main() -> None:
     results: dict[str, Outcome] = {}
     rows = []
     for name, base in BASES.items():
-        plain = results.setdefault(base, harness.evaluate(base))
-        with_cem = results.setdefault(f"{base}+{cem}", harness.evaluate(f"{base}+{cem}"))
+        plain = results[base] = harness.evaluate(base)
+        with_cem = results[f"{base}+{cem}"] = harness.evaluate(f"{base}+{cem}")
         for label, o in ((name, plain), (f"{name} + CEM", with_cem)):
             gain = f"{(o.mse / plain.mse - 1) * 100:+.0f} %" if o is with_cem else "–"
             rows.append((label, o.accuracy, o.mse, o.ssim, gain))
