@@ -75,7 +75,7 @@ class Knowledge:
     def __post_init__(self) -> None:
         if self.defense is None:  # the public spec is always known
             self.defense = build_defense(self.defense_spec)
-            self.defense.bind(self.feature_shape)
+            self.defense.bind(self.feature_shape, self.image_shape)
             self.defense.eval()
         rank = _level_rank(self.level)
         if self.head is not None and rank < _level_rank("whitebox"):
@@ -112,7 +112,7 @@ class Knowledge:
             defense_mod = copy.deepcopy(defense)
         else:
             defense_mod = build_defense(defense_spec)
-            defense_mod.bind(spec.feature_shape)
+            defense_mod.bind(spec.feature_shape, spec.in_shape)
         defense_mod.eval()
         public = dict(defense_mod.public_params()) if hasattr(defense_mod, "public_params") else {}
         query = head_copy = None

@@ -24,6 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STAT_FIELDS = ("num_examples", "num_classes", "majority_share", "accuracy")
+# The leakage column holding a client's CEM Gaussian-mixture term (``defenses.cem``'s
+# ``mixture-info`` report, whatever the chain's prefix), empty for clients without CEM.
+CEM_TERM = "cem_mixture_term"
+_CEM_REPORT_KEY = "mixture-info"
 
 
 def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarray]],
@@ -41,6 +45,9 @@ def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarr
             if c["accuracy"] is not None:
                 stats[c["partition_id"]]["accuracy"] = c["accuracy"]
             stats[c["partition_id"]].update({k: v for k, v in c.items() if k.startswith("defense-")})
+            terms = [v for k, v in c.items() if k.startswith("defense-") and k.endswith(_CEM_REPORT_KEY)]
+            if terms:
+                stats[c["partition_id"]][CEM_TERM] = terms[0]
     return stats
 
 
@@ -68,6 +75,31 @@ def group_means(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[
             "scratch_accuracy", "accuracy")
     return {a: {g: {k: float(np.mean([r[k] for r in rs if k in r])) for k in keys if any(k in r for r in rs)}
                 for g, rs in groups.items()} for a, groups in acc.items()}
+
+
+def cem_audit(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[str, Any]]:
+    """Per attack: Spearman's rank correlation of CEM's mixture term with the attack's MSE.
+
+    The per-client theory audit: CEM's bound says the best attacker's MSE floor falls as the
+    mixture term (the information z keeps about x, :data:`CEM_TERM`) grows, so across clients
+    the correlation should be negative if the bound orders clients as a real attacker does.
+    Computed over the clients attacked at the final round that have a finite term; ``rho`` is
+    None when fewer than three clients have one or either side is constant.
+    """
+    from scipy.stats import spearmanr
+
+    audit: dict[str, dict[str, Any]] = {}
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        pairs = [(float(r[CEM_TERM]), float(r["mse"])) for r in rows
+                 if r["attack"] == attack and r["round"] == final_round
+                 and r.get(CEM_TERM) is not None and np.isfinite(float(r[CEM_TERM]))]
+        rho = None
+        if len(pairs) >= 3:
+            terms, mses = zip(*pairs)
+            value = float(spearmanr(terms, mses).statistic) if len(set(terms)) > 1 and len(set(mses)) > 1 else None
+            rho = value if value is not None and np.isfinite(value) else None
+        audit[attack] = {"spearman_term_vs_mse": rho, "clients": len(pairs), "term": CEM_TERM}
+    return audit
 
 
 def _colours(groups: list[str]) -> dict[str, Any]:
@@ -215,9 +247,11 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
     return figures
 
 
-def update_summary(run_dir: Path, means: dict[str, Any], seconds: dict[str, float]) -> None:
+def update_summary(run_dir: Path, means: dict[str, Any], seconds: dict[str, float],
+                   audit: dict[str, dict[str, Any]]) -> None:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
     summary["leakage"] = means
+    summary["cem_audit"] = audit
     summary["attack_seconds"] = seconds
     path.write_text(json.dumps(summary, indent=2))

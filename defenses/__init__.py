@@ -8,6 +8,8 @@ from defenses import nopeek  # noqa: F401  (registers "nopeek")
 from defenses import mid  # noqa: F401  (registers "mid")
 from defenses import ppdl  # noqa: F401  (registers "ppdl")
 from defenses import cem  # noqa: F401  (registers "cem")
+from defenses import adversarial  # noqa: F401  (registers "adversarial")
+from defenses import infoscissors  # noqa: F401  (registers "infoscissors")
 from defenses.base import (
     FEDERATED_PREFIX,
     REGISTRY,

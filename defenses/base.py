@@ -59,12 +59,14 @@ class Defense(nn.Module):
         """What a noise-aware attacker is assumed to know (CEM's threat model)."""
         return {}
 
-    def bind(self, feature_shape: tuple[int, ...]) -> None:
-        """Hook: the shape of one sample's z, e.g. ``(8, 7, 7)``; default no-op.
+    def bind(self, feature_shape: tuple[int, ...],
+             input_shape: tuple[int, int, int] | None = None) -> None:
+        """Hook: the shape of one sample's z, e.g. ``(8, 7, 7)``, and of its input; default no-op.
 
         The simulator calls it right after every ``build_defense`` and before any state is
         read or loaded, so that defenses whose parameters depend on z's size (MID's layers)
-        create them there: parameters are federated and must exist before data is seen.
+        or on the input's (a simulated attacker's decoder, which outputs images) create them
+        there: parameters are federated and must exist before data is seen.
         """
 
     def attach(self, parts: list[Defense]) -> None:
@@ -86,9 +88,10 @@ class Compose(Defense):
         for part in parts:
             part.attach(list(parts))
 
-    def bind(self, feature_shape: tuple[int, ...]) -> None:
+    def bind(self, feature_shape: tuple[int, ...],
+             input_shape: tuple[int, int, int] | None = None) -> None:
         for part in self.parts:
-            part.bind(feature_shape)
+            part.bind(feature_shape, input_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for part in self.parts:
@@ -138,6 +141,9 @@ def load_arrays(defense: Defense, federated: dict[str, np.ndarray], local: dict[
         for k, v in given.items():
             if k not in own:
                 raise ValueError(f"defense state has no entry '{k}'")
+            v = np.asarray(v)
+            if own[k].dim() == 0 and v.size == 1:  # a scalar (BatchNorm's count) comes
+                v = v.reshape(())  # back 1-d from Flower's Array
             if own[k].shape != v.shape:  # e.g. CEM centroids sized by what the client saw
                 own[k].data = torch.tensor(v, dtype=own[k].dtype)
             else:

@@ -53,7 +53,12 @@ What this implementation does, and why:
 ``report()``: ``bound`` = mean L_C over this round's batches where CEM was active (NaN if none),
 ``within-var`` = mean squared distance per entry of the client's clean features to their
 centroid at the latest fit, ``logdet`` = Σ_k π_k mean_j log(v_kj + σ²) averaged over the
-client's samples at the latest fit (spec B.3's monitor, diagonal form).
+client's samples at the latest fit (spec B.3's monitor, diagonal form), and ``mixture-info`` =
+``logdet`` − log σ² = Σ_k π_k mean_j log(1 + v_kj/σ²): the Gaussian-mixture term of the bound
+(spec A.3 step 3: H(x|z) >= H(x) − H(π) − (m/2)·mixture-info), so the attacker's MSE floor
+ξ >= exp(2H(x|z)/d)/(2πe) falls as it grows. Unlike ``logdet`` it does not grow with σ itself,
+which makes it comparable across clients with different noise (the per-client theory audit,
+``attacks.report.cem_audit``).
 """
 
 from __future__ import annotations
@@ -295,4 +300,5 @@ class CEM(Defense):
             "bound": self._bound_sum / self._active_batches if self._active_batches else nan,
             "within-var": fit.within_var() if fit is not None else nan,
             "logdet": fit.logdet() if fit is not None else nan,
+            "mixture-info": fit.logdet() - 2.0 * math.log(self.sigma) if fit is not None else nan,
         }

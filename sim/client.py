@@ -296,7 +296,7 @@ def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, ids: np.ndarray, p
 def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
     """Build a defense for features of ``spec``'s shape (layers sized by z exist from the start)."""
     defense = build_defense(defense_text)
-    defense.bind(spec.feature_shape)
+    defense.bind(spec.feature_shape, spec.in_shape)
     return defense
 
 

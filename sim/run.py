@@ -317,7 +317,7 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
     report.write_csv(rows, run_dir / "leakage.csv")
     means = report.group_means(rows, final)
     report.write_report(run_dir, rows, examples, means, seconds, final)
-    report.update_summary(run_dir, means, seconds)
+    report.update_summary(run_dir, means, seconds, report.cem_audit(rows, final))
     for name, groups in means.items():
         console.print(f"leakage {name}: " + ", ".join(
             f"{g} SSIM {m['ssim']:.3f} (baseline {m['baseline_ssim']:.3f})" if "ssim" in m else
