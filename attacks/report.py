@@ -89,7 +89,7 @@ def cem_audit(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[st
     from scipy.stats import spearmanr
 
     audit: dict[str, dict[str, Any]] = {}
-    for attack in dict.fromkeys(r["attack"] for r in rows):
+    for attack in dict.fromkeys(r["attack"] for r in rows if "mse" in r):  # inversion attacks
         pairs = [(float(r[CEM_TERM]), float(r["mse"])) for r in rows
                  if r["attack"] == attack and r["round"] == final_round
                  and r.get(CEM_TERM) is not None and np.isfinite(float(r[CEM_TERM]))]
