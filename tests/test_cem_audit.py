@@ -23,14 +23,14 @@ GROUPS = {
     "adversarial": "adversarial(alpha=1.0)+noise(sigma=0.05)",
     "infoscissors": "infoscissors(lam_x=1.0)",
 }
-ATTACK = "decoder(epochs=2, width=16, blocks=1, batch_size=32, lr=0.003)"
+ATTACK = "decoder(epochs=1, width=16, blocks=1, batch_size=32, lr=0.003)"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit")
     config = {"clients": 8, "rounds": 2, "dataset": "fashion-mnist", "train_subset": 2000,
-              "batch_size": 32, "aux_fraction": 0.1,
+              "batch_size": 32, "aux_fraction": 0.05,
               "groups": [{"name": n, "share": 0.25, "defense": d} for n, d in GROUPS.items()]}
     path = out / "heterogeneous.yaml"
     path.write_text(yaml.safe_dump(config))
