@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -86,15 +88,21 @@ def test_custom_strategy_and_fraction(tmp_path):
 @pytest.mark.slow
 def test_heterogeneous_groups(tmp_path):
     run_dir = run_sim(tmp_path, "--config", "configs/heterogeneous.yaml", "--clients", "5",
-                      "--rounds", "1", "--train-subset", "2000", "--partition", "iid")
+                      "--rounds", "1", "--train-subset", "2000", "--partition", "iid", "--aux-fraction", "0.3",
+                      "--attacks", "decoder(epochs=1, width=16, blocks=1, batch_size=32)")
     record = metrics(run_dir)[0]
-    assert set(record["group_accuracy"]) == {"undefended", "noisy", "shallow-noisy"}
+    assert set(record["group_accuracy"]) == {"undefended", "noisy", "cem", "shallow-noisy"}
     groups = [c["group"] for c in record["clients"]]
-    assert groups == ["undefended", "undefended", "noisy", "noisy", "shallow-noisy"]
+    assert groups == ["undefended", "undefended", "noisy", "cem", "shallow-noisy"]
     view = load_view(run_dir / "view.npz")
     assert sorted(view) == [2, 4]
     assert view[2]["features"].shape[1:] == (8, 14, 14)  # cut 2 keeps a larger feature map
-    assert set(view[2]["group_ids"].tolist()) == {2} and set(view[4]["group_ids"].tolist()) == {0, 1}
+    assert set(view[2]["group_ids"].tolist()) == {3} and set(view[4]["group_ids"].tolist()) == {0, 1, 2}
+    # The report compares the groups: one leakage mean per group, one table row each.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["leakage"]["decoder"]) == {"undefended", "noisy", "cem", "shallow-noisy"}
+    report = (run_dir / "report.md").read_text()
+    assert all(f"| decoder | {g} |" in report for g in ("undefended", "noisy", "cem", "shallow-noisy"))
 
 
 @pytest.mark.slow
