@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses import build_defense
+from defenses import build_defense, federated_arrays, load_arrays, local_arrays
 from defenses.infoscissors import InfoScissors, label_club_bound
 from sim.data import load_dataset, to_tensor
 from sim.models import SplitSpec, build_head, build_last, build_tail
@@ -107,6 +107,20 @@ def test_classifier_only_when_needed():
     assert bound_defense(0.0).classifier is None and not bound_defense(0.0).needs_output()
     # 256 -> 64 -> 10: the size the module docstring quotes
     assert sum(p.numel() for p in bound_defense(1.0).classifier.parameters()) == 256 * 64 + 64 + 64 * 10 + 10
+
+
+def test_phi_is_federated_and_round_trips():
+    """phi travels with the head (module docstring of defenses.infoscissors), never in client state."""
+    torch.manual_seed(0)
+    d = bound_defense(1.0)
+    fed = federated_arrays(d)
+    assert {k for k in fed if k.startswith("defense.classifier.")} == \
+        {"defense.classifier." + k for k, _ in d.classifier.named_parameters()}
+    assert not any("classifier" in k for k in local_arrays(d))
+    torch.manual_seed(1)
+    again = bound_defense(1.0)
+    load_arrays(again, fed, local_arrays(d))
+    assert all(torch.equal(a, b) for a, b in zip(d.parameters(), again.parameters()))
 
 
 def test_ushaped_simulation_reports_the_bound(tmp_path):
