@@ -8,7 +8,9 @@ they must stay small.
 
 A defense sits between the head and the wire: ``forward(z)`` is what the cloud receives
 (noise, dropout, top-k, ...), ``loss(x, z, y)`` adds a regulariser on the clean features
-(CEM, NoPeek, ...), and ``on_epoch_end`` refreshes any statistics (CEM's k-means).
+(CEM, NoPeek, ...), ``on_epoch_end`` refreshes any statistics (CEM's k-means), and in the
+U-shaped split ``output_loss(h, y)`` adds a regulariser on the cloud's output h (InfoScissors'
+prediction leakage), whose gradient reaches the cloud's tail through dL/dh.
 Defenses are registered by name with typed keyword parameters so that one syntax,
 ``"noise(sigma=0.05)+cem(lam=8)"``, builds them from the CLI, YAML groups and tests alike.
 """
@@ -44,6 +46,15 @@ class Defense(nn.Module):
         """Regulariser on the clean features ``z`` of inputs ``x`` with labels ``y``."""
         return z.new_zeros(())
 
+    def output_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Regulariser on the cloud's output ``h`` (U-shaped split only), added to the client's CE."""
+        return h.new_zeros(())
+
+    def needs_output(self) -> bool:
+        """Whether :meth:`output_loss` is active, i.e. the defense needs the U-shaped split
+        (in the vanilla split the cloud's output never reaches the client)."""
+        return False
+
     def on_epoch_end(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Hook after each local epoch with the clean features of the client's training data."""
 
@@ -60,13 +71,16 @@ class Defense(nn.Module):
         return {}
 
     def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None) -> None:
-        """Hook: the shape of one sample's z, e.g. ``(8, 7, 7)``, and of its input; default no-op.
+             input_shape: tuple[int, int, int] | None = None,
+             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
+        """Hook: the shape of one sample's z, e.g. ``(8, 7, 7)``, and of its input; in the
+        U-shaped split also of the cloud's output h and the number of classes; default no-op.
 
         The simulator calls it right after every ``build_defense`` and before any state is
-        read or loaded, so that defenses whose parameters depend on z's size (MID's layers)
-        or on the input's (a simulated attacker's decoder, which outputs images) create them
-        there: parameters are federated and must exist before data is seen.
+        read or loaded, so that defenses whose parameters depend on z's size (MID's layers),
+        on the input's (a simulated attacker's decoder, which outputs images) or on h's (a
+        simulated model-completion classifier) create them there: parameters are federated and
+        must exist before data is seen.
         """
 
     def attach(self, parts: list[Defense]) -> None:
@@ -89,9 +103,10 @@ class Compose(Defense):
             part.attach(list(parts))
 
     def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None) -> None:
+             input_shape: tuple[int, int, int] | None = None,
+             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
         for part in self.parts:
-            part.bind(feature_shape, input_shape)
+            part.bind(feature_shape, input_shape, output_shape, num_classes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for part in self.parts:
@@ -100,6 +115,12 @@ class Compose(Defense):
 
     def loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return sum((part.loss(x, z, y) for part in self.parts), z.new_zeros(()))
+
+    def output_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return sum((part.output_loss(h, y) for part in self.parts), h.new_zeros(()))
+
+    def needs_output(self) -> bool:
+        return any(part.needs_output() for part in self.parts)
 
     def on_epoch_end(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         for part in self.parts:

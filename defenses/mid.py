@@ -58,7 +58,8 @@ class MID(Defense):
         self._batches = 0
 
     def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None) -> None:
+             input_shape: tuple[int, int, int] | None = None,
+             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
         shape = tuple(int(s) for s in feature_shape)
         if self.feature_shape is not None:
             if shape != self.feature_shape:

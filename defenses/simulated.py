@@ -62,7 +62,8 @@ class SimulatedAttacker(Defense):
         self._optimizer: torch.optim.Optimizer | None = None
 
     def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None) -> None:
+             input_shape: tuple[int, int, int] | None = None,
+             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
         if input_shape is None:
             return  # stays unbound; loss() says what is missing
         shapes = (tuple(int(s) for s in feature_shape), tuple(int(s) for s in input_shape))

@@ -224,7 +224,7 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
             sent += payload.nbytes + y.nbytes
             received += grad.nbytes
         else:
-            grad, loss, correct, up, down = _ushaped_exchange(tail, last_layer, ids, payload, yt, last)
+            grad, loss, correct, up, down = _ushaped_exchange(tail, last_layer, defense, ids, payload, yt, last)
             sent += up
             received += down
         objective = ((z_sent * torch.from_numpy(grad).to(rt.device)).sum()
@@ -275,18 +275,20 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     return model, local_arrays(defense), metrics
 
 
-def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, ids: np.ndarray, payload: np.ndarray,
-                      y: torch.Tensor, last: bool) -> tuple[np.ndarray, float, int, int, int]:
+def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, defense: Defense, ids: np.ndarray,
+                      payload: np.ndarray, y: torch.Tensor, last: bool) -> tuple[np.ndarray, float, int, int, int]:
     """One U-shaped training batch: h from the cloud, the loss on the client (labels stay
     here), dL/dh back, dL/dz in return. Leaves the last layer's gradients accumulated.
 
-    Returns dL/dz, the loss, the hits, and the bytes sent and received.
+    The defense's ``output_loss`` on h (InfoScissors' prediction leakage) is added to the CE
+    before the backward pass, so its gradient travels to the cloud inside dL/dh.
+    Returns dL/dz, the CE loss, the hits, and the bytes sent and received.
     """
     h_np = tail.forward(ids, payload)
     h = torch.from_numpy(h_np).to(y.device).requires_grad_(True)
     logits = last_layer(h)
     loss = F.cross_entropy(logits, y)
-    loss.backward()
+    (loss + defense.output_loss(h, y)).backward()
     grad_h = h.grad.cpu().numpy()
     grad = tail.backward(grad_h, last)
     return (grad, float(loss.detach()), int((logits.argmax(1) == y).sum()),
@@ -294,9 +296,13 @@ def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, ids: np.ndarray, p
 
 
 def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
-    """Build a defense for features of ``spec``'s shape (layers sized by z exist from the start)."""
+    """Build a defense for features of ``spec``'s shape (layers sized by z exist from the start),
+    and in the U-shaped split for the cloud's output h and the classes (InfoScissors' phi)."""
     defense = build_defense(defense_text)
-    defense.bind(spec.feature_shape, spec.in_shape)
+    if spec.ushaped:
+        defense.bind(spec.feature_shape, spec.in_shape, (spec.hidden_width,), spec.num_classes)
+    else:
+        defense.bind(spec.feature_shape, spec.in_shape)
     return defense
 
 

@@ -127,7 +127,11 @@ def prepare(cfg: SimConfig) -> Prepared:
     validate(cfg)
     groups = cfg.resolved_groups()
     for i, g in enumerate(groups):
-        build_defense(str(g.defense))
+        defense = build_defense(str(g.defense))
+        if defense.needs_output() and cfg.split != "ushaped":
+            raise ConfigError(f"groups[{i}].defense" if cfg.groups else "defense",
+                              f"'{g.defense}' regularises the cloud's output, which only --split ushaped "
+                              f"returns to the client (the split is '{cfg.split}')")
         try:
             check_strategy_spec(str(g.strategy), {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0,
                                                   "min_train_nodes": 1, "min_available_nodes": 1})

@@ -34,6 +34,9 @@ CASES = {
     "pmc on a vanilla split": (["--attacks", "pmc"], "'pmc' needs --split ushaped"),
     "amc by a passive cloud": (["--split", "ushaped", "--attacks", "amc"], "'amc' needs --adversary active"),
     "unknown adversary": (["--adversary", "evil"], "adversary"),
+    "prediction leakage on a vanilla split": (["--defense", "noise(sigma=0.01)+infoscissors(lam_y=1)"],
+                                              "defense: 'noise(sigma=0.01)+infoscissors(lam_y=1)' regularises "
+                                              "the cloud's output, which only --split ushaped"),
 }
 
 

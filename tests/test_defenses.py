@@ -168,8 +168,8 @@ def test_every_defense_builds_with_defaults(name, real_z, data):
     ("adversarial(ssim_treshold=0.5)", "unknown parameter 'ssim_treshold'; accepted: adversarial(alpha=0.3, "),
     ("adversarial(width=0)", "width"),
     ("infoscissors(lam_x=-1)", "lam_x"),
-    ("infoscissors(lam_y=0.5)", "needs the U-shaped split"),
-    ("noise(sigma=0.05)+infoscissors(lam_y=1)", "not available yet"),
+    ("infoscissors(lam_y=-0.5)", "lam_y"),
+    ("noise(sigma=0.05)+infoscissors(y_width=0)", "y_width"),
 ])
 def test_bad_values_give_one_line_errors(text, needle):
     with pytest.raises(DefenseError) as info:
@@ -185,7 +185,7 @@ def test_unknown_defense_lists_every_one_including_the_simulated_attackers():
     msg = str(info.value)
     assert msg.startswith("unknown defense 'infoscisors'; available: ") and "\n" not in msg
     for spec in ("adversarial(alpha=0.3, ssim_threshold=0.5, width=16, blocks=1)",
-                 "infoscissors(lam_x=1.0, lam_y=0.0, width=16, blocks=1)", "cem(", "noise("):
+                 "infoscissors(lam_x=1.0, lam_y=0.0, width=16, blocks=1, y_width=64)", "cem(", "noise("):
         assert spec in msg, msg
 
 
