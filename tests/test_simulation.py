@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from attacks.view import load_view
 from tests.simhelpers import SMALL, head_features, metrics, prepared, run_sim, without_timings
@@ -112,3 +113,26 @@ def test_flower_dp_wrapper_around_fedavg(tmp_path):
                       "DifferentialPrivacyClientSideFixedClipping(FedAvg(), noise_multiplier=0.01, "
                       "clipping_norm=1.0, num_sampled_clients=3)")
     assert metrics(run_dir)[0]["completed"] == 3
+
+
+# Every defense and the compositions, one group each (those not already simulated by
+# tests/test_cem_audit.py, test_completion.py and test_prediction_leakage.py).
+COMPOSITIONS = ["dropout(p=0.2)", "topk(ratio=0.5)", "laplace(epsilon=20)", "nopeek(alpha=0.1)",
+                "mid(lam=0.01)", "ppdl(theta=0.5)", "cem", "dropout(p=0.2)+noise(sigma=0.01)+cem"]
+
+
+def test_every_defense_and_composition_runs_in_a_simulation(tmp_path):
+    groups = [{"name": f"g{i}", "share": 1 / len(COMPOSITIONS), "defense": d} for i, d in enumerate(COMPOSITIONS)]
+    path = tmp_path / "all-defenses.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    run_dir = run_sim(tmp_path / "runs", "--config", str(path), *SMALL, "--clients", str(len(COMPOSITIONS)),
+                      "--rounds", "2")
+    last = metrics(run_dir)[-1]
+    assert last["completed"] == len(COMPOSITIONS) and not last["failed"]
+    assert [c["group"] for c in last["clients"]] == [g["name"] for g in groups]
+    for c in last["clients"]:
+        assert np.isfinite(c["loss"]) and 0 <= c["accuracy"] <= 1, c
+    # CEM reports its bound once fitted (after the first local epoch, so in round 2).
+    for c in last["clients"][-2:]:
+        bound = [v for k, v in c.items() if k.startswith("defense-") and k.endswith("bound")]
+        assert len(bound) == 1 and bound[0] is not None and bound[0] < 0, c
