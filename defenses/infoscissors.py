@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import register
-from defenses.simulated import SimulatedAttacker, unit_range
+from defenses.simulated import SimulatedAttacker, frozen_call, step_alone, unit_range
 
 
 def label_club_bound(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +150,8 @@ class InfoScissors(SimulatedAttacker):
         if training:
             if self._classifier_optimizer is None:
                 self._classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.LR)
-            attacker_ce = F.cross_entropy(self.classifier(h.detach()), y)
-            self._classifier_optimizer.zero_grad(set_to_none=True)
-            attacker_ce.backward()
-            self._classifier_optimizer.step()
-            self._classifier_optimizer.zero_grad(set_to_none=True)
-        frozen = {k: v.detach() for k, v in self.classifier.named_parameters()}
-        bound, paired = label_club_bound(torch.func.functional_call(self.classifier, frozen, (h,)), y)
+            step_alone(self._classifier_optimizer, F.cross_entropy(self.classifier(h.detach()), y))
+        bound, paired = label_club_bound(frozen_call(self.classifier, h), y)
         if training:
             self._y_bound_sum += float(bound.detach())
             self._y_ce_sum += float(paired.detach())

@@ -94,18 +94,28 @@ class SimulatedAttacker(Defense):
         decoder = self._decoder()
         if self._optimizer is None:
             self._optimizer = torch.optim.Adam(decoder.parameters(), lr=self.LR)
-        loss = self.attacker_loss(decoder(z.detach()), x01)
-        self._optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        step_alone(self._optimizer, self.attacker_loss(decoder(z.detach()), x01))
 
     def frozen_decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's reconstruction of ``z`` with gradient to ``z`` only (module docstring)."""
-        decoder = self._decoder()
-        state = {k: v.detach() for k, v in decoder.named_parameters()}
-        state |= {k: v.clone() for k, v in decoder.named_buffers()}
-        return torch.func.functional_call(decoder, state, (z,))
+        return frozen_call(self._decoder(), z)
+
+
+def step_alone(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One step of a simulated attacker's own optimiser, leaving no gradient behind for the
+    client's optimiser (which also lists the attacker's parameters) to act on."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def frozen_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with detached parameters and copied buffers: the gradient reaches ``x``
+    only, and BatchNorm statistics are not updated a second time."""
+    state = {k: v.detach() for k, v in module.named_parameters()}
+    state |= {k: v.clone() for k, v in module.named_buffers()}
+    return torch.func.functional_call(module, state, (x,))
 
 
 def batch_ssim(recon01: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
