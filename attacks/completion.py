@@ -84,6 +84,19 @@ class MaliciousOptimizer:
                 p.copy_(old + ratio * (p - old))
             self._last_grad[id(p)] = grad
 
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimiser's state and the previous gradients, by parameter position."""
+        last = {i: self._last_grad[id(p)] for i, p in enumerate(self._params()) if id(p) in self._last_grad}
+        return {"inner": self.inner.state_dict(), "last_grad": last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        params = self._params()
+        self._last_grad = {id(params[int(i)]): g for i, g in state["last_grad"].items()}
+
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:

@@ -32,15 +32,18 @@ _CEM_REPORT_KEY = "mixture-info"
 
 def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarray]],
                  records: list[dict[str, Any]], until_round: int) -> dict[int, dict[str, Any]]:
-    """Per client: data statistics and its latest reported numbers up to ``until_round``."""
+    """Per client: data statistics, its latest reported numbers and its failed rounds, up to
+    ``until_round``."""
     stats: dict[int, dict[str, Any]] = {}
     for pid, (train, _) in enumerate(partitions):
         counts = np.bincount(labels[train])
         stats[pid] = {"num_examples": len(train), "num_classes": int((counts > 0).sum()),
-                      "majority_share": round(float(counts.max() / counts.sum()), 4)}
+                      "majority_share": round(float(counts.max() / counts.sum()), 4), "failures": 0}
     for record in records:
         if record["round"] > until_round:
             continue
+        for f in record["failed"]:  # rounds the client failed (crashed, or no reply in time)
+            stats[f["partition_id"]]["failures"] += 1
         for c in record["clients"]:
             if c["accuracy"] is not None:
                 stats[c["partition_id"]]["accuracy"] = c["accuracy"]

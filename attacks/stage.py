@@ -83,7 +83,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         load_numpy_state(tail, snapshot.tails[cut])
         knowledge = Knowledge.from_models(level, head, tail, str(group.defense), spec, data.mean,
                                           data.std, defense=defense)
-        clients = sorted(set(rows["client_ids"][rows["group_ids"] == g].tolist()))
+        clients = sorted(set(rows["client_ids"][(rows["group_ids"] == g) & ~rows["failed"]].tolist()))
         for attack_spec in attacks:
             attack = build_attack(attack_spec)
             progress(f"round {snapshot.round}: {attack.name} on group {group.name} "
@@ -111,7 +111,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
 
 def _client_features(rows: dict[str, np.ndarray], pid: int, samples: int,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
-    mine = np.flatnonzero(rows["client_ids"] == pid)
+    mine = np.flatnonzero((rows["client_ids"] == pid) & ~rows["failed"])  # a failed round's are marked
     if len(mine) > samples:
         mine = np.sort(np.random.default_rng([seed, pid]).choice(mine, samples, replace=False))
     return rows["sample_ids"][mine], rows["features"][mine]

@@ -9,7 +9,9 @@ features.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -60,22 +62,42 @@ class ClientView:
     seen: int  # features received in that round, of which ``n`` are kept
     bytes_received: int  # cumulative over the run: features and labels sent by the client
     bytes_sent: int  # cumulative over the run: gradients returned to the client
+    failed: bool = False  # the client failed in that round: features of an unfinished round
 
 
 class FeatureStore:
-    """The cloud's memory of every client, keyed by partition id (stable across runs)."""
+    """The cloud's memory of every client, keyed by partition id (stable across runs).
+
+    A client's features from its latest completed round are what attacks use. What the cloud
+    received in a round the client then failed (it crashed or vanished mid-round) is kept too,
+    in :attr:`failed`, marked as such in the saved view: a curious cloud keeps everything, but
+    those features were made by a head the server never aggregated.
+    """
 
     def __init__(self) -> None:
         self.clients: dict[int, ClientView] = {}
+        self.failed: dict[int, ClientView] = {}
         self._bytes: dict[int, tuple[int, int]] = {}
 
     def put(self, view: ClientView) -> None:
-        """Replace a client's features with those of its latest round; add up its bytes."""
+        """Replace a client's (completed or failed) features with those of its latest such
+        round; add up its bytes."""
         old_in, old_out = self._bytes.get(view.partition_id, (0, 0))
         total = (old_in + view.bytes_received, old_out + view.bytes_sent)
         self._bytes[view.partition_id] = total
         view.bytes_received, view.bytes_sent = total
-        self.clients[view.partition_id] = view
+        (self.failed if view.failed else self.clients)[view.partition_id] = view
+
+    def state(self) -> dict[str, Any]:
+        """Everything stored, as plain data (for checkpoints)."""
+        return {"clients": {p: dataclasses.asdict(v) for p, v in self.clients.items()},
+                "failed": {p: dataclasses.asdict(v) for p, v in self.failed.items()},
+                "bytes": {p: list(b) for p, b in self._bytes.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.clients = {int(p): ClientView(**v) for p, v in state["clients"].items()}
+        self.failed = {int(p): ClientView(**v) for p, v in state["failed"].items()}
+        self._bytes = {int(p): (int(b[0]), int(b[1])) for p, b in state["bytes"].items()}
 
     def save(self, path: str) -> None:
         """Write the view as one ``.npz`` of flat arrays (no pickle), ordered by partition id.
@@ -84,19 +106,21 @@ class FeatureStore:
         cut: ``features_c4``, ``sample_ids_c4``, ... and ``cuts`` lists the cuts present.
         """
         arrays: dict[str, np.ndarray] = {}
-        cuts = sorted({v.cut for v in self.clients.values()})
+        everything = [self.clients[p] for p in sorted(self.clients)] + [self.failed[p] for p in sorted(self.failed)]
+        cuts = sorted({v.cut for v in everything})
         for cut in cuts:
-            views = [self.clients[p] for p in sorted(self.clients) if self.clients[p].cut == cut]
+            views = [v for v in everything if v.cut == cut]
             n = [len(v.sample_ids) for v in views]
             arrays[f"client_ids_c{cut}"] = np.repeat([v.partition_id for v in views], n).astype(np.int64)
             arrays[f"group_ids_c{cut}"] = np.repeat([v.group for v in views], n).astype(np.int64)
             arrays[f"rounds_c{cut}"] = np.repeat([v.round for v in views], n).astype(np.int64)
+            arrays[f"failed_c{cut}"] = np.repeat([v.failed for v in views], n).astype(bool)
             arrays[f"sample_ids_c{cut}"] = np.concatenate([v.sample_ids for v in views])
             arrays[f"features_c{cut}"] = np.concatenate([v.features for v in views])
         np.savez_compressed(path, cuts=np.asarray(cuts, np.int64), **arrays)
 
 
-VIEW_FIELDS = ("client_ids", "group_ids", "rounds", "sample_ids", "features")
+VIEW_FIELDS = ("client_ids", "group_ids", "rounds", "failed", "sample_ids", "features")
 
 
 def load_view(path: str) -> dict[int, dict[str, np.ndarray]]:

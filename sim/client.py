@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from defenses import FEDERATED_PREFIX, Defense, build_defense, federated_arrays, load_arrays, local_arrays
 from sim.cloud import CloudSession, make_optimizer, make_tail_optimizer
 from attacks.view import Reservoir
-from sim.config import RESERVOIR_SALT, GroupConfig, SimConfig, config_from_dict, derive_seed
+from sim.config import FAILURE_SALT, RESERVOIR_SALT, GroupConfig, SimConfig, config_from_dict, derive_seed
 from sim.models import (LAST_PREFIX, SplitSpec, build_head, build_last, build_tail, load_numpy_state,
                         state_to_numpy)
 
@@ -123,6 +123,12 @@ class LocalTail:
         ray.get(self.rt.cloud.submit.remote(self.pid, self.cut, state_to_numpy(self.session.tail),
                                             num_examples, view))
 
+    def abort(self) -> None:
+        """The client failed mid-round: hand over only what the cloud received (no tail copy)."""
+        view = self.session.view(self.pid, self.group, self.cut, self.round,
+                                 self.rt.specs[self.cut].feature_shape, failed=True)
+        ray.get(self.rt.cloud.submit.remote(self.pid, self.cut, None, 0, view))
+
 
 class RemoteTail:
     """SFL-v2: every batch goes to the cloud actor's shared tail."""
@@ -148,6 +154,11 @@ class RemoteTail:
     def finish(self, num_examples: int) -> None:
         """Nothing to hand over: the shared tail was updated batch by batch."""
 
+    def abort(self) -> None:
+        """The client failed mid-round: the cloud drops it from the wave (its connection
+        closed), keeping what it received, marked as from a failed round."""
+        ray.get(self.cloud.drop.remote(self.pid))
+
 
 _TAIL_CACHE: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
@@ -158,6 +169,25 @@ def _global_tail(rt: Runtime, cut: int, round_: int) -> dict[str, np.ndarray]:
         _TAIL_CACHE.clear()
         _TAIL_CACHE[(cut, round_)] = ray.get(rt.cloud.tail_state.remote(cut))
     return _TAIL_CACHE[(cut, round_)]
+
+
+class SimulatedFailure(RuntimeError):
+    """A failure injected by ``--client-failure-rate``: a crash, or a client that vanishes."""
+
+
+VANISHED = "simulated failure: the client vanished"  # the server treats such a reply as lost
+
+
+def planned_failure(cfg: SimConfig, pid: int, round_: int, batches: int) -> tuple[str, int] | None:
+    """Whether this client fails this round, how (``crash`` or ``vanish``) and before which
+    batch; drawn from the run's seed, so a rerun fails the same clients at the same points."""
+    rate = cfg.client_failure_rate
+    if rate <= 0:
+        return None
+    rng = np.random.default_rng(derive_seed(cfg.seed, round_, pid, FAILURE_SALT))
+    if rng.random() >= rate:
+        return None
+    return ("crash" if rng.random() < 0.5 else "vanish"), int(rng.integers(0, batches))
 
 
 def _batches(ids: np.ndarray, size: int) -> list[np.ndarray]:
@@ -181,7 +211,21 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     federated parameters. ``client_state`` is the client's own persistent defense state from
     earlier rounds. ``tail`` is the client's link to the tail (see :func:`open_tail`).
     Returns the new model state, the new client state and the client's metrics.
+
+    If the client fails (an injected failure, a diverged loss, any error), the tail link is
+    told (:meth:`LocalTail.abort`, :meth:`RemoteTail.abort`) before the error propagates, so the
+    cloud discards the client's partial round and marks what it received.
     """
+    try:
+        return _local_train(rt, pid, round_, head_state, tail, client_state, proximal_mu)
+    except BaseException:
+        tail.abort()
+        raise
+
+
+def _local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray], tail: Any,
+                 client_state: dict[str, np.ndarray] | None, proximal_mu: float,
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     group_idx = rt.group_of[pid]
     group = rt.groups[group_idx]
     cut = int(group.cut)
@@ -206,11 +250,15 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
                      for b in _batches(rng.permutation(train_ids), int(group.batch_size))]
     holdout_batches = _batches(holdout_ids, 512)
     epoch_len = len(_batches(train_ids, int(group.batch_size)))
+    failure = planned_failure(rt.config, pid, round_, len(train_batches))
     loss_sum = hits = seen = 0.0
     sent = received = 0
     head.train()
     defense.train()
     for i, ids in enumerate(train_batches):
+        if failure is not None and failure[1] == i:
+            raise SimulatedFailure(VANISHED if failure[0] == "vanish" else
+                                   f"simulated failure: the client crashed before batch {i}")
         x = rt.inputs(ids)
         y = rt.train_y[ids]
         yt = torch.from_numpy(y).to(rt.device)
@@ -232,6 +280,9 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
         if proximal_mu > 0:
             objective = objective + proximal_mu / 2 * sum(
                 (p - g).pow(2).sum() for p, g in zip(model_params, global_params))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {loss} at batch {i} of round {round_}: "
+                                     f"training diverged (is the learning rate {rt.config.lr:g} too high?)")
         objective.backward()
         optimizer.step()
         loss_sum += loss * len(ids)

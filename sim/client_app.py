@@ -1,8 +1,11 @@
 """The Flower ClientApp: one ``train`` message = one client's whole local round.
 
-A client's persistent state lives in ``context.state`` only (Flower has no actor affinity, and
-the Context travels with every message, so it stays small); the data and the cloud's handle come
-from the process-wide :class:`sim.client.Runtime`.
+A client's persistent state (its defense's own buffers, e.g. CEM's centroids) travels with its
+messages: the server sends it with each ``train`` message and keeps the copy each successful
+reply brings back. So a failed client's partial state is discarded with its reply, and the
+server's checkpoint holds every client's state (Flower's ``context.state`` would be lost when
+a run is resumed in a new process). The data and the cloud's handle come from the
+process-wide :class:`sim.client.Runtime`.
 """
 
 from __future__ import annotations
@@ -32,20 +35,18 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    arrays = next(iter(msg.content.array_records.values()))
+    arrays = next(v for k, v in msg.content.array_records.items() if k != CLIENT_STATE)
     config = next(iter(msg.content.config_records.values()))
     torch.set_num_threads(1)  # one torch thread per actor: more collapse on busy cores (notes)
     rt = get_runtime(str(config["cloud"]), str(config["namespace"]))
     pid = int(context.node_config["partition-id"])
     head_in = from_record(arrays)
     round_ = int(config["round"])
-    own = context.state.array_records.get(CLIENT_STATE)
+    own = msg.content.array_records.get(CLIENT_STATE)
     head_out, client_state, metrics = local_train(
         rt, pid, round_, head_in, open_tail(rt, pid, round_),
         client_state=from_record(own) if own is not None else None,
         proximal_mu=float(config.get("proximal-mu", 0.0)))
-    if client_state:
-        context.state[CLIENT_STATE] = to_record(client_state)
     if KEY_CLIPPING_NORM in config:  # Flower's client-side DP wrapper asks clients to clip
         keys = list(head_out)
         clipped = [head_out[k] for k in keys]
@@ -55,4 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics["bytes-sent"] += record_bytes(reply_arrays)
     metrics["bytes-received"] += record_bytes(arrays)
     metrics["seconds"] = time.perf_counter() - t0
-    return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
+    if client_state:
+        content[CLIENT_STATE] = to_record(client_state)
+    return Message(content, reply_to=msg)

@@ -128,10 +128,10 @@ class CloudSession:
         return self.tail(torch.from_numpy(z).to(self.device)).cpu().numpy()
 
     def view(self, partition_id: int, group: int, cut: int, round_: int,
-             feature_shape: tuple[int, ...]) -> ClientView:
+             feature_shape: tuple[int, ...], failed: bool = False) -> ClientView:
         ids, z = self.reservoir.arrays(feature_shape)
         return ClientView(partition_id, group, cut, round_, ids, z, self.reservoir.seen,
-                          self.bytes_received, self.bytes_sent)
+                          self.bytes_received, self.bytes_sent, failed)
 
 
 def average_states(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -146,7 +146,7 @@ class _Pending:
     """An SFL-v1 client's round result, held until the server closes the round."""
 
     cut: int
-    state: dict[str, np.ndarray]
+    state: dict[str, np.ndarray] | None  # None: the client failed before finishing its round
     num_examples: int
     view: ClientView
 
@@ -190,23 +190,27 @@ class CloudActor:
 
     # ------------------------------------------------------------------------------ SFL-v1
 
-    async def submit(self, partition_id: int, cut: int, state: dict[str, np.ndarray],
+    async def submit(self, partition_id: int, cut: int, state: dict[str, np.ndarray] | None,
                      num_examples: int, view: ClientView) -> None:
-        """An SFL-v1 client's trained tail copy and what the cloud recorded of it."""
+        """An SFL-v1 client's trained tail copy and what the cloud recorded of it; a client
+        that failed mid-round submits no tail, only what the cloud had received."""
         self.pending[partition_id] = _Pending(cut, state, num_examples, view)
 
     async def end_round(self, completed: list[int]) -> None:
         """Average the tail copies of the clients that completed the round; keep their views.
 
-        Clients outside ``completed`` (failed or timed out) are discarded entirely.
+        The tail copies of the other clients (failed, or no reply before the timeout) are
+        discarded; what the cloud received from them is kept, marked as from a failed round.
         """
-        done = [p for p in sorted(completed) if p in self.pending]
+        done = [p for p in sorted(completed) if p in self.pending and self.pending[p].state is not None]
         for cut in sorted({self.pending[p].cut for p in done}):
             members = [self.pending[p] for p in done if self.pending[p].cut == cut]
             avg = average_states([m.state for m in members], [m.num_examples for m in members])
             load_numpy_state(self.tails[cut], avg)
-        for p in done:
-            self.store.put(self.pending[p].view)
+        for p in sorted(self.pending):
+            view = self.pending[p].view
+            view.failed = p not in done
+            self.store.put(view)
         self.pending.clear()
 
     # ------------------------------------------------------------------------------ SFL-v2
@@ -225,7 +229,9 @@ class CloudActor:
         """Run ``fn`` on the client's session in its turn; then pass the turn on, unless
         ``keep_turn`` (a U-shaped forward whose backward must follow on the same tail)."""
         async with self._cond:
-            await self._cond.wait_for(lambda: self._order and self._order[self._turn] == pid)
+            await self._cond.wait_for(lambda: pid not in self._sessions or self._order[self._turn] == pid)
+            if pid not in self._sessions:  # dropped (e.g. timed out): its calls are refused
+                raise RuntimeError(f"client {pid} is not in the cloud's current wave (dropped after a timeout?)")
             result = fn(self._sessions[pid][0])
             if last and not keep_turn:
                 self._order.pop(self._turn)
@@ -241,8 +247,9 @@ class CloudActor:
     async def drop(self, pid: int) -> None:
         """Take a failed client out of the wave so the others are not kept waiting for it.
 
-        Its recorded features are discarded; the batches it already sent have updated the
-        shared tail, as they would have on a real SFL-v2 server.
+        What the cloud received from it this round is kept, marked as from a failed round;
+        the batches it already sent have updated the shared tail, as they would have on a
+        real SFL-v2 server. Dropping a client twice, or one that finished, does nothing.
         """
         async with self._cond:
             if pid in self._order:
@@ -252,8 +259,10 @@ class CloudActor:
                     self._turn -= 1
                 if self._turn >= len(self._order):
                     self._turn = 0
-                self._sessions.pop(pid, None)
                 self._cond.notify_all()
+            if pid in self._sessions:
+                session, group, cut, round_ = self._sessions.pop(pid)
+                self.store.put(session.view(pid, group, cut, round_, self.specs[cut].feature_shape, failed=True))
 
     async def train_batch(self, pid: int, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray,
                           last: bool = False) -> tuple[np.ndarray, float, int]:
@@ -278,3 +287,18 @@ class CloudActor:
 
     async def all_tail_states(self) -> dict[int, dict[str, np.ndarray]]:
         return {cut: state_to_numpy(t) for cut, t in self.tails.items()}
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    async def state(self) -> dict[str, Any]:
+        """Everything the cloud holds between rounds: tails, their optimisers, the view."""
+        return {"tails": {cut: state_to_numpy(t) for cut, t in self.tails.items()},
+                "optimizers": {cut: o.state_dict() for cut, o in self.optimizers.items()},
+                "store": self.store.state()}
+
+    async def load_state(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state` (as read back from a checkpoint)."""
+        for cut, tail in self.tails.items():
+            load_numpy_state(tail, state["tails"][cut])
+            self.optimizers[cut].load_state_dict(state["optimizers"][cut])
+        self.store.load_state(state["store"])

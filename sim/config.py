@@ -26,6 +26,7 @@ PROTOCOLS = ("sflv1", "sflv2")
 ADVERSARIES = ("passive", "active")
 RESERVOIR_SALT = 7  # seeds of the cloud's reservoirs (and its SFL-v2 waves)
 ROUND_SALT = 11  # seeds of a round's server-side draws: sampling, wave order, evaluation noise
+FAILURE_SALT = 13  # seeds of the injected client failures (--client-failure-rate)
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -90,6 +91,7 @@ class SimConfig:
     aux_fraction: float = 0.9
     reservoir: int = 512
     round_timeout: float | None = None
+    client_failure_rate: float = 0.0
     train_subset: int | None = None
     attacks: str = "decoder(epochs=5, width=32, blocks=2, batch_size=64)"
     attacker_knowledge: str = "whitebox"
@@ -244,6 +246,9 @@ def validate(cfg: SimConfig) -> None:
     _check(cfg.attack_samples >= 1, "attack_samples", f"must be at least 1, got {cfg.attack_samples}")
     _check(cfg.train_subset is None or cfg.train_subset >= 1, "train_subset", "must be at least 1")
     _check(cfg.round_timeout is None or cfg.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+    _check(0 <= cfg.client_failure_rate < 1, "client_failure_rate", f"must be in [0, 1), got {cfg.client_failure_rate}")
+    _check(cfg.client_failure_rate == 0 or cfg.round_timeout is not None, "client_failure_rate",
+           "needs --round-timeout: a client that vanishes is noticed only when the round's timeout passes")
     shares = [g.share for g in cfg.resolved_groups()]
     for i, s in enumerate(shares):
         _check(0 < s <= 1, f"groups[{i}].share", f"must be in (0, 1], got {s}")

@@ -32,6 +32,8 @@ import yaml  # noqa: E402
 from attacks import LEVELS, AttackError, build_attack  # noqa: E402
 from attacks.stage import parse_attacks  # noqa: E402
 from defenses import DefenseError, build_defense, describe_registry  # noqa: E402
+from sim import checkpoint  # noqa: E402
+from sim.checkpoint import CheckpointError  # noqa: E402
 from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E402
 from sim.memory import PeakMemory  # noqa: E402
 from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
@@ -39,7 +41,7 @@ from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # 
 from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, normalise, state_to_numpy  # noqa: E402
 from strategies import StrategyError, check_strategy_spec  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError, AttackError)
+USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError, AttackError, CheckpointError)
 
 HELP = {
     "config": "YAML preset (see configs/); flags given on the command line override it",
@@ -75,7 +77,10 @@ HELP = {
     "holdout": "fraction of each client's partition kept for its own accuracy",
     "aux_fraction": "fraction of the test split given to the attacker as public auxiliary data",
     "reservoir": "features kept per client in the cloud's recorded view",
-    "round_timeout": "seconds to wait for a round's replies (default: no limit)",
+    "round_timeout": "seconds to wait for a round's replies (in SFL-v2, for each wave of one client per "
+                     "actor); default: no limit",
+    "client_failure_rate": "probability that a sampled client fails in a round, at a random batch: half "
+                           "crash (an error reply), half vanish (no reply: needs --round-timeout)",
     "train_subset": "use only this many (seeded, random) training samples: quick runs and tests",
     "attacks": 'attacks on the recorded features, comma-separated specs, e.g. "decoder(epochs=20),rmle"; '
                'none to skip',
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Simulate federated split learning with defended client heads and a curious cloud. "
         f"Defenses: {describe_registry()}."), argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help=HELP["config"])
+    p.add_argument("--resume", metavar="RUN_DIR", help="go on with a stopped run from its last complete "
+                   "round (its checkpoint); takes no other flag")
     types = SimConfig.__annotations__
     for name, text in HELP.items():
         if name == "config":
@@ -187,6 +194,22 @@ def _check_attacks(cfg: SimConfig) -> None:
                               "trained its tail maliciously); use pmc for a passive cloud")
 
 
+def load_resume(run_dir: str, others: dict[str, Any]) -> tuple[SimConfig, Path, dict[str, Any]]:
+    """The config, folder and checkpoint of a run to resume; raises one of USER_ERRORS."""
+    if others:
+        flag = "--" + sorted(others)[0].replace("_", "-")
+        raise ConfigError("--resume", f"takes no other flag ({flag} given): the run goes on with the "
+                          "config.yaml in its folder")
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise ConfigError("--resume", f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(str(path / "config.yaml"), {})
+    state = checkpoint.load(path)
+    if len(state.get("heads", [])) != len(cfg.resolved_groups()) or not isinstance(state.get("round"), int):
+        raise CheckpointError(f"{path / checkpoint.CHECKPOINT}: does not match the run's config.yaml")
+    return cfg, path, state
+
+
 def make_run_dir(cfg: SimConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.out) / f"{stamp}-{uuid.uuid4().hex[:6]}"
@@ -216,8 +239,10 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
                  num_cpus=os.cpu_count(), **common)
 
 
-def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
-    """Start Ray, the cloud and Flower's simulation; return the server's outcome."""
+def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start Ray, the cloud and Flower's simulation; return the server's outcome.
+
+    ``resume`` is a run's checkpoint to go on from (see :func:`load_resume`)."""
     import ray
     from flwr.simulation import run_simulation
 
@@ -260,7 +285,7 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any) -> dict[str, Any]:
             specs=prep.specs, init_heads=heads,
             eval_x=normalise(to_tensor(data.test_x[prep.eval_idx]), data.mean, data.std),
             eval_y=torch.from_numpy(data.test_y[prep.eval_idx]),
-            num_actors=num_actors, reporter=reporter)
+            num_actors=num_actors, reporter=reporter, resume=resume)
         plan.outcome["startup_seconds"] = time.perf_counter() - t0
         try:
             run_simulation(
@@ -343,10 +368,16 @@ def export_view(run_dir: Path, target: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
+    resume_dir = args.pop("resume", None)
+    resume = None
     try:
-        cfg = load_config(config_path, args)
-        prep = prepare(cfg)
-        run_dir = make_run_dir(cfg)
+        if resume_dir is not None:
+            cfg, run_dir, resume = load_resume(resume_dir, args | ({"config": 1} if config_path else {}))
+            prep = prepare(cfg)
+        else:
+            cfg = load_config(config_path, args)
+            prep = prepare(cfg)
+            run_dir = make_run_dir(cfg)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -357,16 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     reporter.start(cfg.rounds, cfg.clients, f"{cfg.dataset} {cfg.protocol} {cfg.defense}")
     try:
         with PeakMemory() as memory:
-            outcome = simulate(prep, run_dir, reporter)
+            outcome = simulate(prep, run_dir, reporter, resume)
         outcome["peak_memory_mb"] = memory.peak_bytes / 2**20
     except USER_ERRORS as exc:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if resume is None:  # a resumed run's folder holds earlier results: keep it
+            shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     error = outcome.get("error")
     summary = write_summary(run_dir, cfg, outcome)
     if error is not None:
-        print(f"error: run failed: {error} (results so far in {run_dir})", file=sys.stderr)
+        print(f"error: run failed: {error} (results so far and a checkpoint in {run_dir}; go on with "
+              f"--resume {run_dir})", file=sys.stderr)
         return 1
     try:
         if parse_attacks(cfg.attacks):

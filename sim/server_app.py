@@ -23,11 +23,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from attacks.view import FeatureStore
+from sim import checkpoint
+from sim.client import VANISHED, build_client_last, build_client_model
+from sim.client_app import CLIENT_STATE
 from sim.config import ROUND_SALT, SimConfig, derive_seed
-from sim.client import build_client_last, build_client_model
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.records import from_record, to_record
 from strategies import resolve_strategy
+from strategies.state import load_strategy_state, strategy_state
 
 PULL_INTERVAL = 0.05
 
@@ -51,6 +54,7 @@ class ServerPlan:
     eval_y: torch.Tensor
     num_actors: int
     reporter: Any  # sim.progress.Reporter
+    resume: dict[str, Any] | None = None  # a checkpoint to go on from (sim.checkpoint.load)
     outcome: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,20 +72,36 @@ class GroupGrid:
         return getattr(self._grid, name)
 
 
+def lost(reply: Message) -> bool:
+    """A reply that stands for none: a client that vanished (``--client-failure-rate``)
+    reports so only to let its actor go on at once; the server must not hear of it."""
+    return reply.has_error() and VANISHED in reply.error.reason
+
+
 def exchange(grid: Grid, messages: list[Message], timeout: float | None,
              on_reply: Callable[[Message], None]) -> list[Message]:
-    """Push messages and pull replies until all are in or ``timeout`` passes."""
+    """Push messages and pull replies until all are in or ``timeout`` passes.
+
+    A lost reply (see :func:`lost`) is dropped as if never sent: its message stays pending,
+    so the server waits for it until the timeout, as it would for a client that vanished.
+    """
     if not messages:
         return []
     pending = set(grid.push_messages(messages))
+    waiting = set(pending)  # pending replies that can still arrive
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while pending and (deadline is None or time.monotonic() < deadline):
-        for reply in grid.pull_messages(list(pending)):
+        for reply in grid.pull_messages(list(waiting)):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            if lost(reply):
+                continue
             pending.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
             on_reply(reply)
-        if pending:
+        if pending and not waiting:  # only vanished clients left: nothing comes before the deadline
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        elif pending:
             time.sleep(PULL_INTERVAL)
     return replies
 
@@ -128,7 +148,12 @@ def evaluate_group(spec: SplitSpec, head_state: dict[str, np.ndarray], tail_stat
 
 
 class Federation:
-    """The round loop of one run."""
+    """The round loop of one run.
+
+    After every round (and once before the first) the whole state of the run is written to
+    the run directory's checkpoint (:mod:`sim.checkpoint`); a run resumed from it goes on
+    from the next round with the same numbers as if it had never stopped.
+    """
 
     def __init__(self, grid: Grid, plan: ServerPlan) -> None:
         self.grid, self.plan, self.cfg = grid, plan, plan.config
@@ -143,22 +168,58 @@ class Federation:
                 "min_train_nodes": 1, "min_available_nodes": len(self.members[i]),
             }) for i, g in enumerate(self.groups)]
         self.heads = [to_record(h) for h in plan.init_heads]
+        self.client_states: dict[int, dict[str, np.ndarray]] = {}  # per partition id
+        self.records: list[dict[str, Any]] = []
+        self.plan.outcome["rounds"] = self.records
 
     def run(self) -> None:
         node_of = _map_partitions(self.grid, self.cfg.clients)
         self.pid_of = {node: pid for pid, node in node_of.items()}
         self.node_of = node_of
         metrics_path = self.plan.run_dir / "metrics.jsonl"
-        for r in range(1, self.cfg.rounds + 1):
+        if self.plan.resume is not None:
+            self._restore(self.plan.resume)
+        else:
+            self._checkpoint(0)
+        # metrics.jsonl holds exactly the checkpointed rounds (a killed run may have written
+        # the line of a round whose checkpoint it did not finish)
+        metrics_path.write_text("".join(json.dumps(rec) + "\n" for rec in self.records))
+        for r in range(len(self.records) + 1, self.cfg.rounds + 1):
             record = self._round(r)
+            self.records.append(record)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.plan.reporter.round_finished(record)
-            self.plan.outcome.setdefault("rounds", []).append(record)
             every = self.cfg.attack_every
             if every and r % every == 0 and r < self.cfg.rounds:
                 self._save(self.plan.run_dir / "rounds" / f"r{r:03d}")
+            self._checkpoint(r)
+            self.plan.reporter.round_finished(record)
         self._save(self.plan.run_dir)
+
+    def _checkpoint(self, r: int) -> None:
+        """Write everything needed to go on after round ``r`` (0: before the first)."""
+        checkpoint.save(self.plan.run_dir, checkpoint.encode({
+            "round": r,
+            "heads": [from_record(h) for h in self.heads],
+            "strategies": [strategy_state(s) for s in self.strategies],
+            "client_states": self.client_states,
+            "cloud": ray.get(self.cloud.state.remote()),
+            "rng": checkpoint.rng_state(),
+            "metrics": json.dumps(self.records),
+        }))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Put a checkpoint's state back: server side here, the cloud's in the cloud actor."""
+        self.heads = [to_record(h) for h in checkpoint.decode(state["heads"])]
+        for strategy, saved in zip(self.strategies, checkpoint.decode(state["strategies"])):
+            load_strategy_state(strategy, saved)
+        self.client_states = {int(p): s for p, s in checkpoint.decode(state["client_states"]).items()}
+        cloud = state["cloud"]
+        ray.get(self.cloud.load_state.remote({
+            "tails": checkpoint.decode(cloud["tails"]), "optimizers": cloud["optimizers"],
+            "store": checkpoint.decode(cloud["store"])}))
+        checkpoint.set_rng_state(state["rng"])
+        self.records[:] = json.loads(state["metrics"])
 
     def _configure(self, r: int) -> list[Message]:
         random.seed(derive_seed(self.cfg.seed, r, ROUND_SALT))
@@ -168,6 +229,10 @@ class Federation:
             config = ConfigRecord({"round": r, "cloud": self.plan.cloud_name,
                                    "namespace": self.plan.namespace})
             messages += list(strategy.configure_train(r, self.heads[g], config, grid))
+        for m in messages:
+            own = self.client_states.get(self.pid_of[m.metadata.dst_node_id])
+            if own:
+                m.content[CLIENT_STATE] = to_record(own)
         return messages
 
     def _send(self, r: int, messages: list[Message]) -> list[Message]:
@@ -191,7 +256,12 @@ class Federation:
             pids = [self.pid_of[m.metadata.dst_node_id] for m in wave]
             ray.get(self.cloud.begin_wave.remote(
                 r, [(p, group_of[p], int(self.groups[group_of[p]].cut)) for p in pids]))
-            replies += exchange(self.grid, wave, timeout, on_reply_v2)
+            wave_replies = exchange(self.grid, wave, timeout, on_reply_v2)
+            answered = {self.pid_of[m.metadata.src_node_id] for m in wave_replies}
+            for pid in pids:  # no reply before the timeout: the cloud gives up on the client
+                if pid not in answered:
+                    ray.get(self.cloud.drop.remote(pid))
+            replies += wave_replies
         return replies
 
     def _round(self, r: int) -> dict[str, Any]:
@@ -209,6 +279,13 @@ class Federation:
         if not ok:
             raise RunFailure(f"round {r}: every sampled client failed; first error: "
                              f"{next(iter(failed.values()))}")
+        failures = self._failures()
+        for p in failed:
+            failures[p] = failures.get(p, 0) + 1
+        for p in ok:  # the client's own state comes back with a successful reply only
+            own = by_pid[p].content.pop(CLIENT_STATE, None)
+            if own is not None:
+                self.client_states[p] = from_record(own)
         clients, strategy_metrics = [], {}
         for g, strategy in enumerate(self.strategies):
             group_replies = [by_pid[p] for p in ok if p in self.members[g]]
@@ -219,7 +296,8 @@ class Federation:
                 if aggregated is not None:  # what the strategy itself reports (e.g. clipping)
                     strategy_metrics[self.groups[g].name] = dict(aggregated)
             for m in group_replies:
-                clients.append(_client_record(m, self.groups[g].name))
+                record = _client_record(m, self.groups[g].name)
+                clients.append(record | {"failures": failures.get(record["partition_id"], 0)})
         accuracy, group_accuracy = self._evaluate(r)
         return {
             "round": r,
@@ -227,11 +305,19 @@ class Federation:
             "group_accuracy": group_accuracy,
             "sampled": len(sampled),
             "completed": len(ok),
-            "failed": [{"partition_id": p, "reason": why} for p, why in failed.items()],
+            "failed": [{"partition_id": p, "reason": why, "failures": failures[p]} for p, why in failed.items()],
             "strategy_metrics": strategy_metrics,
             "seconds": round(time.perf_counter() - t0, 3),
             "clients": sorted(clients, key=lambda c: c["partition_id"]),
         }
+
+    def _failures(self) -> dict[int, int]:
+        """Failed rounds per client so far, from the records."""
+        counts: dict[int, int] = {}
+        for record in self.records:
+            for f in record["failed"]:
+                counts[f["partition_id"]] = counts.get(f["partition_id"], 0) + 1
+        return counts
 
     def _evaluate(self, r: int) -> tuple[float, dict[str, float]]:
         """Accuracy on the evaluation split: per group, and their mean weighted by clients."""
