@@ -282,8 +282,9 @@ class CloudActor:
 
     # ------------------------------------------------------------------------------ results
 
-    async def views(self) -> dict[int, ClientView]:
-        return dict(self.store.clients)
+    async def view(self) -> FeatureStore:
+        """Everything recorded so far (completed and failed rounds)."""
+        return self.store
 
     async def all_tail_states(self) -> dict[int, dict[str, np.ndarray]]:
         return {cut: state_to_numpy(t) for cut, t in self.tails.items()}

@@ -237,7 +237,7 @@ def validate(cfg: SimConfig) -> None:
     _check(cfg.client_gpus >= 0, "client_gpus", f"must be >= 0, got {cfg.client_gpus}")
     _check(cfg.epochs >= 1, "epochs", f"must be at least 1, got {cfg.epochs}")
     _check(cfg.batch_size >= 1, "batch_size", f"must be at least 1, got {cfg.batch_size}")
-    _check(0 < cfg.lr < 10, "lr", f"must be in (0, 10), got {cfg.lr}")
+    _check(0 < cfg.lr < math.inf, "lr", f"must be a positive number, got {cfg.lr}")
     _check(cfg.bottleneck >= 1, "bottleneck", f"must be at least 1, got {cfg.bottleneck}")
     _check(0 <= cfg.holdout < 1, "holdout", f"must be in [0, 1), got {cfg.holdout}")
     _check(0 < cfg.aux_fraction < 1, "aux_fraction", f"must be in (0, 1), got {cfg.aux_fraction}")

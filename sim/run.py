@@ -224,8 +224,10 @@ def make_run_dir(cfg: SimConfig) -> Path:
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    # Flower logs every failed client's traceback at ERROR; the run reports failures itself
+    # (the round's line, metrics.jsonl, and one line for a run that cannot go on).
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
 def _start_ray(cfg: SimConfig, namespace: str) -> None:

@@ -22,7 +22,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from attacks.view import FeatureStore
 from sim import checkpoint
 from sim.client import VANISHED, build_client_last, build_client_model
 from sim.client_app import CLIENT_STATE
@@ -335,9 +334,7 @@ class Federation:
     def _save(self, directory: Path) -> None:
         """Keep what the cloud saw and the models (before Flower shuts Ray down)."""
         directory.mkdir(parents=True, exist_ok=True)
-        store = FeatureStore()
-        store.clients = ray.get(self.cloud.views.remote())
-        store.save(str(directory / "view.npz"))
+        ray.get(self.cloud.view.remote()).save(str(directory / "view.npz"))
         tails = ray.get(self.cloud.all_tail_states.remote())
         torch.save({
             "heads": {g.name: {k: torch.tensor(v) for k, v in from_record(self.heads[i]).items()}
