@@ -247,6 +247,7 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
     ``resume`` is a run's checkpoint to go on from (see :func:`load_resume`)."""
     import ray
     from flwr.simulation import run_simulation
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     from sim.client import initial_model
     from sim.client_app import app as client_app
@@ -259,13 +260,16 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
     t0 = time.perf_counter()
     _start_ray(cfg, namespace)
     try:
-        resources = ray.cluster_resources()
-        num_actors = int(resources.get("CPU", 1) // cfg.client_cpus)
-        if cfg.client_gpus > 0:
-            num_actors = min(num_actors, int(resources.get("GPU", 0) // cfg.client_gpus))
-        if num_actors < 1:
-            raise ConfigError("client_cpus", f"no client actor fits: the cluster has {resources.get('CPU', 0)} "
-                              f"CPUs and {resources.get('GPU', 0)} GPUs")
+        # Flower's own count, node by node: an actor cannot span nodes, so on a cluster the pool
+        # can be smaller than the total CPUs suggest (two 1-CPU nodes fit two 0.6-CPU actors, not
+        # three), and an SFL-v2 wave larger than the pool waits forever for its missing client.
+        client_resources = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
+        try:
+            num_actors = pool_size_from_resources(client_resources)
+        except ValueError:
+            resources = ray.cluster_resources()
+            raise ConfigError("client_cpus", f"no client actor fits on any node: the cluster has "
+                              f"{resources.get('CPU', 0)} CPUs and {resources.get('GPU', 0)} GPUs") from None
         groups = cfg.resolved_groups()
         torch.manual_seed(cfg.seed)
         tails = {cut: state_to_numpy(build_tail(spec)) for cut, spec in sorted(prep.specs.items())}
@@ -292,8 +296,7 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
         try:
             run_simulation(
                 server_app=make_server_app(plan), client_app=client_app, num_supernodes=cfg.clients,
-                backend_config={"client_resources": {"num_cpus": cfg.client_cpus,
-                                                     "num_gpus": cfg.client_gpus}},
+                backend_config={"client_resources": client_resources},
             )
         except Exception as exc:  # the ServerApp's own failure, re-raised by Flower
             plan.outcome.setdefault("error", exc)
