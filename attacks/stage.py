@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from attacks.base import Knowledge, build_attack
+from attacks.base import AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
 from attacks.view import load_view
 from sim.client import build_client_model
@@ -29,9 +29,18 @@ METRICS = ("mse", "psnr", "ssim")  # of inversion attacks; completion rows have 
 
 
 def parse_attacks(text: str) -> list[str]:
-    """``"decoder(epochs=20),rmle"`` -> the attack specs; ``"none"`` or empty -> no attack."""
-    parts = [p.strip() for p in split_top_level(text or "", ",") if p.strip()]
-    return [] if parts in ([], ["none"]) else parts
+    """``"decoder(epochs=20),rmle"`` -> the attack specs; ``"none"`` or empty -> no attack.
+
+    An empty entry between commas (``"decoder,,rmle"``, ``"decoder,"``) is an error rather
+    than skipped: it is most likely an attack whose name went missing.
+    """
+    parts = [p.strip() for p in split_top_level(text or "", ",")]
+    if parts == [""]:
+        return []
+    if "" in parts:
+        raise AttackError(f"entry {parts.index('') + 1} of {len(parts)} in '{text}' is empty "
+                          "(a stray comma?)")
+    return [] if parts == ["none"] else parts
 
 
 @dataclass

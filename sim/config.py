@@ -4,23 +4,29 @@ A run is described by one :class:`SimConfig`. Client groups (heterogeneous clien
 of :class:`GroupConfig`; fields a group leaves out inherit the top-level value, and a config
 without ``groups`` has a single group made of the top-level values. Every error is a
 :class:`ConfigError` naming the field and what is allowed, so ``sim.run`` can print one line
-and exit 2 before anything is started or written.
+and exit 2 before anything is started or written. ``load_config`` remembers where each value
+came from, so that such a line names the flag (``--clients``) or YAML file to fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import socket
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
 
 from sim.data import DATASETS, PARTITIONS
-from sim.models import SPLITS
+from sim.models import ARCHS, SPLITS
 
 PROTOCOLS = ("sflv1", "sflv2")
 ADVERSARIES = ("passive", "active")
@@ -28,6 +34,12 @@ RESERVOIR_SALT = 7  # seeds of the cloud's reservoirs (and its SFL-v2 waves)
 ROUND_SALT = 11  # seeds of a round's server-side draws: sampling, wave order, evaluation noise
 FAILURE_SALT = 13  # seeds of the injected client failures (--client-failure-rate)
 DEVICES = ("cpu", "cuda", "auto")
+MAX_SEED = 2**32 - 1  # every seed consumer (numpy, torch, random, flwr_datasets) accepts this range
+CLI = "cli"  # the source of a value given as a command-line flag
+# A number in e-notation that YAML 1.1 may read as a string (1e-3, 1.0e3).
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# A field path as errors name it: ``clients``, ``groups``, ``groups[1]``, ``groups[1].share``.
+_FIELD_PATH = re.compile(r"([a-z_]+)(?:\[(\d+)\](?:\.([a-z_]+))?)?")
 
 
 def derive_seed(*parts: int) -> int:
@@ -42,6 +54,7 @@ class ConfigError(ValueError):
     def __init__(self, where: str, message: str) -> None:
         super().__init__(f"{where}: {message}")
         self.where = where
+        self.message = message
 
 
 @dataclass
@@ -100,6 +113,30 @@ class SimConfig:
     export_view: str | None = None
     groups: list[GroupConfig] = field(default_factory=list)
 
+    # Where each top-level value came from: CLI or a YAML file's path; set by load_config so
+    # that errors found later (validation, data, specs) can name the flag or file to fix.
+    # Not a field: it is not part of the run's definition and is never saved.
+    _sources: ClassVar[dict[str, str]] = {}
+
+    def origin(self, where: str) -> str:
+        """``where`` (a field path, e.g. ``groups[1].share``) as the user wrote it:
+        ``--clients`` for a flag, ``FILE: groups[1].share`` for a YAML value; a group field
+        the group left out names the top-level value it inherited. Unknown sources (defaults,
+        a config built in code) leave ``where`` as it is."""
+        match = _FIELD_PATH.fullmatch(where)
+        if match is None:
+            return where
+        key, index, sub = match.groups()
+        if key == "groups" and sub is not None and int(index) < len(self.groups) \
+                and getattr(self.groups[int(index)], sub, None) is None and sub in self._sources:
+            return f"{self.origin(sub)} (inherited by groups[{index}])"
+        source = self._sources.get(key)
+        if source is None:
+            return where
+        if source == CLI:
+            return "--" + where.replace("_", "-")
+        return f"{source}: {where}"
+
     def resolved_groups(self) -> list[GroupConfig]:
         """The groups with every field filled in from the top level."""
         groups = self.groups or [GroupConfig(name="all")]
@@ -141,7 +178,9 @@ class SimConfig:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The dataclass fields' resolved annotations (class variables such as ``_sources`` excluded)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
@@ -154,6 +193,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        number = repr(float(value)) if "e" not in repr(float(value)) else f"{float(value):e}"
+        raise ConfigError(where, f"must be float, got the string {value!r} (YAML 1.1 reads a "
+                                 f"number in e-notation as text unless it has a dot and a signed "
+                                 f"exponent: write {number})")
     if base in (int, float, str, bool) and type(value) is not base:
         raise ConfigError(where, f"must be {base.__name__}, got {value!r}")
     return value
@@ -183,30 +227,81 @@ def config_from_dict(data: dict[str, Any]) -> SimConfig:
     return _from_mapping(SimConfig, data, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    PyYAML silently keeps the last value, so ``clients: 4`` ... ``clients: 8`` further down
+    would run with 8 clients without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" merges may legitimately repeat keys
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first[key] + 1})",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (empty for an empty file); ConfigError otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError("--config", f"{path} is a folder, not a YAML file")
+    if not p.is_file():
+        raise ConfigError("--config", f"file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None)
+        detail = f": {' '.join(str(problem).split())}" if problem else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{line}{detail}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of settings, "
+                                      f"got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | None, overrides: dict[str, Any]) -> SimConfig:
-    """Read a YAML preset (if any) and apply CLI overrides on top of it."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"file not found: {path}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError("--config", f"{path} is not valid YAML{line}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping of settings")
-        data = loaded or {}
+    """Read a YAML preset (if any) and apply CLI overrides on top of it.
+
+    The config remembers where each value came from (:meth:`SimConfig.origin`).
+    """
+    data = _read_yaml(path) if path is not None else {}
     try:
         cfg = _from_mapping(SimConfig, data, "")
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc.where}" if path else exc.where,
-                          str(exc).split(": ", 1)[1]) from None
+        raise ConfigError(f"{path}: {exc.where}" if path else exc.where, exc.message) from None
     for key, value in overrides.items():
         setattr(cfg, key, _coerce(f"--{key.replace('_', '-')}", value, _field_types(SimConfig)[key]))
+    cfg._sources = {**{key: str(path) for key in data}, **{key: CLI for key in overrides}}
     return cfg
+
+
+@contextmanager
+def located(cfg: SimConfig) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` with its field named as the user wrote it (flag or file)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(cfg.origin(exc.where), exc.message) from None
 
 
 # ------------------------------------------------------------------------------- validation
@@ -219,6 +314,14 @@ def _check(cond: bool, where: str, message: str) -> None:
 
 def validate(cfg: SimConfig) -> None:
     """Check every value that can be checked without data or Ray; raise ConfigError."""
+    for f in dataclasses.fields(cfg):  # NaN passes no range check, and inf passes "> 0"
+        value = getattr(cfg, f.name)
+        _check(not isinstance(value, float) or math.isfinite(value), f.name,
+               f"must be a finite number, got {value}")
+    for i, g in enumerate(cfg.groups):
+        _check(math.isfinite(g.share), f"groups[{i}].share", f"must be a finite number, got {g.share}")
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}, got {cfg.seed}")
+    _check(cfg.out.strip() != "", "out", "must name a folder (it is empty)")
     _check(cfg.clients >= 1, "clients", f"must be at least 1, got {cfg.clients}")
     _check(cfg.rounds >= 1, "rounds", f"must be at least 1, got {cfg.rounds}")
     _check(0.0 < cfg.fraction <= 1.0, "fraction", f"must be in (0, 1], got {cfg.fraction}")
@@ -238,6 +341,8 @@ def validate(cfg: SimConfig) -> None:
     _check(cfg.epochs >= 1, "epochs", f"must be at least 1, got {cfg.epochs}")
     _check(cfg.batch_size >= 1, "batch_size", f"must be at least 1, got {cfg.batch_size}")
     _check(0 < cfg.lr < math.inf, "lr", f"must be a positive number, got {cfg.lr}")
+    _check(cfg.arch is None or cfg.arch in ARCHS, "arch",
+           f"'{cfg.arch}' unknown; allowed: {', '.join(ARCHS)} (or leave it unset to choose from the data)")
     _check(cfg.bottleneck >= 1, "bottleneck", f"must be at least 1, got {cfg.bottleneck}")
     _check(0 <= cfg.holdout < 1, "holdout", f"must be in [0, 1), got {cfg.holdout}")
     _check(0 < cfg.aux_fraction < 1, "aux_fraction", f"must be in (0, 1), got {cfg.aux_fraction}")
@@ -256,6 +361,54 @@ def validate(cfg: SimConfig) -> None:
     for i, n in enumerate(cfg.group_sizes()):
         _check(n >= 1, f"groups[{i}].share",
                f"gives no client out of {cfg.clients}; raise the share or the number of clients")
+    names: dict[str, int] = {}
     for i, g in enumerate(cfg.resolved_groups()):
         _check(g.epochs >= 1, f"groups[{i}].epochs", "must be at least 1")
         _check(g.batch_size >= 1, f"groups[{i}].batch_size", "must be at least 1")
+        # Results, heads and metrics are keyed by group name: two groups must not share one.
+        _check(g.name not in names, f"groups[{i}].name",
+               f"'{g.name}' is also the name of groups[{names.get(g.name)}]; names must be unique")
+        names[g.name] = i
+
+
+def check_external(cfg: SimConfig) -> None:
+    """Check the values that name things outside the process: the folder ``out`` and the
+    file ``export_view`` the run writes, and the Ray cluster ``ray_address`` joins. They
+    would otherwise fail only after the data is loaded (``out``), after the whole run (the
+    export), or hang for minutes while Ray retries (a wrong address)."""
+    _check_creatable(cfg.out, "out", folder=True)
+    if cfg.export_view:
+        _check_creatable(cfg.export_view, "export_view", folder=False)
+    if cfg.ray_address:
+        _check_ray_address(cfg.ray_address)
+
+
+def _check_creatable(target: str, where: str, folder: bool) -> None:
+    """``target`` (a folder or a file) exists as such or can be created: its nearest existing
+    ancestor is a writable folder (what is missing in between is created)."""
+    path = Path(target).absolute()
+    if path.exists():
+        _check(path.is_dir() == folder, where, f"{target} is a {'file' if folder else 'folder'}; "
+                                               f"give a {'folder' if folder else 'file'} name")
+        if folder:
+            _check(os.access(path, os.W_OK | os.X_OK), where, f"{target} is not writable")
+            return
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    _check(ancestor.is_dir(), where, f"cannot create {target}: {ancestor} is not a folder")
+    _check(os.access(ancestor, os.W_OK | os.X_OK), where, f"cannot create {target}: {ancestor} is not writable")
+
+
+def _check_ray_address(address: str) -> None:
+    """``auto`` and ``local`` are Ray's own; ``[ray://]host:port`` must answer a TCP connect."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "ray_address",
+           f"'{address}' is not auto, local, host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ConfigError("ray_address", f"nothing answers at {host}:{port} ({exc.strerror or exc}); "
+                                         "is the cluster started (ray start --head)?") from None

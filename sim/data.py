@@ -94,9 +94,14 @@ def load_dataset(name: str, data_root: str | None = None) -> ImageData:
         raise DataError(f"{name}: no local copy known; pass --data-root pointing at a "
                         f"torchvision-layout folder ({_expected_files(name)})")
     root = os.path.abspath(data_root if data_root is not None else FASHION_MNIST_DEFAULT_ROOT)
+    if data_root is not None and not os.path.isdir(root):
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"{name}: --data-root {root} {what}; expected a folder in torchvision's layout "
+                        f"with {_expected_files(name)}")
     key = (name, root)
     if key not in _CACHE:
-        _CACHE[key] = _build(name, *_read_arrays(name, Path(root), data_root is None))
+        arrays = _read_arrays(name, Path(root), data_root is None)
+        _CACHE[key] = _build(f"{name} under {root}", name, *arrays)
     return _CACHE[key]
 
 
@@ -129,16 +134,23 @@ def _missing(name: str, root: Path, what: str, missing: str, debian: bool = Fals
                      f"not found: {missing}")
 
 
-def _build(name: str, train_x: np.ndarray, train_y: np.ndarray,
+def _build(where: str, name: str, train_x: np.ndarray, train_y: np.ndarray,
            test_x: np.ndarray, test_y: np.ndarray) -> ImageData:
-    """Validate the arrays, freeze them and compute normalisation statistics."""
+    """Validate the arrays, freeze them and compute normalisation statistics.
+
+    ``where`` (dataset and folder) starts every message: the files each parsed on their own,
+    so what is wrong is how they fit together, and the folder is what the user must fix.
+    """
     num_classes = _NUM_CLASSES[name]
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         if len(x) != len(y) or len(x) == 0:
-            raise DataError(f"{name}: {split} split has {len(x)} images but {len(y)} labels")
+            raise DataError(f"{where}: {split} split has {len(x)} images but {len(y)} labels")
         if y.min() < 0 or y.max() >= num_classes:
-            raise DataError(f"{name}: {split} labels outside 0..{num_classes - 1} "
+            raise DataError(f"{where}: {split} labels outside 0..{num_classes - 1} "
                             f"(found {y.min()}..{y.max()})")
+    if train_x.shape[1:] != test_x.shape[1:]:  # one model must take both splits
+        raise DataError(f"{where}: train images are {'x'.join(map(str, train_x.shape[1:]))} (HxWxC) "
+                        f"but test images {'x'.join(map(str, test_x.shape[1:]))}")
     arrays = [np.ascontiguousarray(train_x, np.uint8), np.ascontiguousarray(train_y, np.int64),
               np.ascontiguousarray(test_x, np.uint8), np.ascontiguousarray(test_y, np.int64)]
     for array in arrays:

@@ -34,7 +34,7 @@ from attacks.stage import parse_attacks  # noqa: E402
 from defenses import DefenseError, build_defense, describe_registry  # noqa: E402
 from sim import checkpoint  # noqa: E402
 from sim.checkpoint import CheckpointError  # noqa: E402
-from sim.config import ConfigError, SimConfig, load_config, validate  # noqa: E402
+from sim.config import ConfigError, SimConfig, check_external, load_config, located, validate  # noqa: E402
 from sim.memory import PeakMemory  # noqa: E402
 from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
                       split_holdout, split_test, to_tensor)
@@ -130,55 +130,81 @@ class Prepared:
 
 
 def prepare(cfg: SimConfig) -> Prepared:
-    """Validate everything and load the data; raises one of USER_ERRORS."""
-    validate(cfg)
-    groups = cfg.resolved_groups()
-    for i, g in enumerate(groups):
-        defense = build_defense(str(g.defense))
-        if defense.needs_output() and cfg.split != "ushaped":
-            raise ConfigError(f"groups[{i}].defense" if cfg.groups else "defense",
-                              f"'{g.defense}' regularises the cloud's output, which only --split ushaped "
-                              f"returns to the client (the split is '{cfg.split}')")
-        try:
-            check_strategy_spec(str(g.strategy), {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0,
-                                                  "min_train_nodes": 1, "min_available_nodes": 1})
-        except StrategyError as exc:
-            raise StrategyError(f"strategy: {exc}") from None
-    _check_attacks(cfg)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.ray_address is None and (device == "cuda" or cfg.client_gpus > 0) and not torch.cuda.is_available():
-        raise ConfigError("device", "CUDA requested (--device cuda or --client-gpus) but no GPU is visible")
-    data = load_dataset(cfg.dataset, cfg.data_root)
-    arch = cfg.arch or DEFAULT_ARCH.get(data.shape[0], "vgg11_bn")
-    specs = {}
-    for i, g in enumerate(groups):
-        spec = SplitSpec(arch, data.shape, data.num_classes, int(g.cut), cfg.bottleneck, cfg.split)
-        try:
-            spec.validate()
+    """Validate everything and load the data; raises one of USER_ERRORS.
+
+    Config errors name the value as the user gave it: ``--clients`` for a flag, ``FILE:
+    groups[1].share`` for a YAML value (``located``).
+    """
+
+    with located(cfg):
+        validate(cfg)
+        check_external(cfg)
+        groups = cfg.resolved_groups()
+        sizes = cfg.group_sizes()
+        for i, g in enumerate(groups):
+            where = f"groups[{i}].defense" if cfg.groups else "defense"
+            try:
+                defense = build_defense(str(g.defense))
+            except DefenseError as exc:
+                raise ConfigError(where, str(exc)) from None
+            if defense.needs_output() and cfg.split != "ushaped":
+                raise ConfigError(where, f"'{g.defense}' regularises the cloud's output, which only --split "
+                                  f"ushaped returns to the client (the split is '{cfg.split}')")
+            try:  # the server's own defaults (sim.server_app), so that what passes here runs there
+                check_strategy_spec(str(g.strategy), {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0,
+                                                      "min_train_nodes": 1, "min_available_nodes": sizes[i]},
+                                    num_nodes=sizes[i])
+            except StrategyError as exc:
+                raise ConfigError(f"groups[{i}].strategy" if cfg.groups else "strategy", str(exc)) from None
+        _check_attacks(cfg)
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg.ray_address is None and (device == "cuda" or cfg.client_gpus > 0) and not torch.cuda.is_available():
+            raise ConfigError("device", "CUDA requested (--device cuda or --client-gpus) but no GPU is visible")
+        data = load_dataset(cfg.dataset, cfg.data_root)
+        arch = cfg.arch or DEFAULT_ARCH.get(data.shape[0], "vgg11_bn")
+        try:  # the architecture against the images first (cut 1 always exists), then each cut
+            SplitSpec(arch, data.shape, data.num_classes, 1, cfg.bottleneck, cfg.split).validate()
         except ValueError as exc:
-            raise ConfigError(f"groups[{i}].cut" if cfg.groups else "cut", str(exc)) from None
-        specs[int(g.cut)] = spec
-    pool = np.arange(len(data.train_y))
-    if cfg.train_subset is not None:
-        if cfg.train_subset > len(pool):
-            raise ConfigError("train_subset", f"{cfg.train_subset} exceeds the {len(pool)} training samples")
-        pool = np.sort(np.random.default_rng(cfg.seed).choice(pool, cfg.train_subset, replace=False))
-    if cfg.clients > len(pool):
-        raise ConfigError("clients", f"{cfg.clients} clients but only {len(pool)} training samples")
-    parts = [pool[p] for p in partition_indices(
-        data.train_y[pool], cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha,
-        classes_per_partition=cfg.classes_per_client, shards_per_partition=cfg.shards_per_client)]
+            raise ConfigError("arch", f"{exc}; {cfg.dataset} images are {data.shape[1]}x{data.shape[2]}") from None
+        specs = {}
+        for i, g in enumerate(groups):
+            spec = SplitSpec(arch, data.shape, data.num_classes, int(g.cut), cfg.bottleneck, cfg.split)
+            try:
+                spec.validate()
+            except ValueError as exc:
+                raise ConfigError(f"groups[{i}].cut" if cfg.groups else "cut", str(exc)) from None
+            specs[int(g.cut)] = spec
+        pool = np.arange(len(data.train_y))
+        if cfg.train_subset is not None:
+            if cfg.train_subset > len(pool):
+                raise ConfigError("train_subset", f"{cfg.train_subset} exceeds the {len(pool)} training samples")
+            pool = np.sort(np.random.default_rng(cfg.seed).choice(pool, cfg.train_subset, replace=False))
+        if cfg.clients > len(pool):
+            raise ConfigError("clients", f"{cfg.clients} clients but only {len(pool)} training samples")
+        try:  # the data is fine here: what cannot be split is the partition or the test split asked for
+            parts = [pool[p] for p in partition_indices(
+                data.train_y[pool], cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha,
+                classes_per_partition=cfg.classes_per_client, shards_per_partition=cfg.shards_per_client)]
+        except DataError as exc:
+            raise ConfigError("partition", str(exc)) from None
+        try:
+            aux_idx, eval_idx = split_test(len(data.test_y), cfg.aux_fraction, cfg.seed)
+        except DataError as exc:
+            raise ConfigError("aux_fraction", str(exc)) from None
     partitions = [split_holdout(p, cfg.holdout, cfg.seed + i) for i, p in enumerate(parts)]
-    aux_idx, eval_idx = split_test(len(data.test_y), cfg.aux_fraction, cfg.seed)
     return Prepared(cfg, data, specs, partitions, aux_idx, eval_idx, device)
 
 
 def _check_attacks(cfg: SimConfig) -> None:
     if cfg.attacker_knowledge not in LEVELS:
         raise ConfigError("attacker_knowledge", f"'{cfg.attacker_knowledge}' unknown; allowed: {', '.join(LEVELS)}")
-    for text in parse_attacks(cfg.attacks):
+    try:
+        texts = parse_attacks(cfg.attacks)
+    except AttackError as exc:
+        raise ConfigError("attacks", str(exc)) from None
+    for text in texts:
         try:
             attack = build_attack(text)
         except AttackError as exc:
@@ -211,13 +237,19 @@ def load_resume(run_dir: str, others: dict[str, Any]) -> tuple[SimConfig, Path, 
 
 
 def make_run_dir(cfg: SimConfig) -> Path:
+    """Create the run directory with the resolved config in it, or nothing at all."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.out) / f"{stamp}-{uuid.uuid4().hex[:6]}"
+    created = False
     try:
         run_dir.mkdir(parents=True)
+        created = True
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as exc:
-        raise ConfigError("out", f"cannot create the run directory under {cfg.out}: {exc.strerror}") from None
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if created:  # e.g. a full disk after mkdir: no half-written run directory
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(cfg.origin("out"), f"cannot create the run directory under {cfg.out}: "
+                          f"{exc.strerror or exc}") from None
     return run_dir
 
 

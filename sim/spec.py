@@ -96,6 +96,8 @@ def parse_call(text: str) -> CallSpec:
     for kw in tree.keywords:
         if kw.arg is None:
             raise SpecError(f"'**' is not allowed in '{text}'")
+        if kw.arg in kwargs:  # Python's compiler rejects this, but ast.parse does not
+            raise SpecError(f"'{kw.arg}' is given twice in '{text}'")
         kwargs[kw.arg] = _value(kw.value, call_text)
     return CallSpec(name, args, kwargs)
 
@@ -104,4 +106,8 @@ def parse_chain(text: str) -> list[CallSpec]:
     """Parse ``a(...)+b(...)``: the composition syntax of defenses."""
     if not text or not text.strip():
         raise SpecError("empty spec")
-    return [parse_call(part) for part in split_top_level(text, "+")]
+    parts = split_top_level(text, "+")
+    for i, part in enumerate(parts):
+        if not part.strip():  # "noise+" or "a++b": a dropped part, most likely a typo
+            raise SpecError(f"part {i + 1} of {len(parts)} is empty (a '+' with nothing on one side)")
+    return [parse_call(part) for part in parts]

@@ -17,6 +17,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import math
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,19 @@ from sim.spec import CallSpec, SpecError, parse_call
 
 class StrategyError(ValueError):
     """A strategy spec that cannot be resolved; the message is one line meant for the user."""
+
+
+# Ranges of Flower's common constructor arguments. The constructors store them unchecked, and
+# a bad one fails only rounds later (a fraction above 1 waits forever for nodes that do not
+# exist) or silently does nothing (a negative proximal_mu). (low, high); None: unbounded.
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "fraction_train": (0.0, 1.0),
+    "fraction_evaluate": (0.0, 1.0),
+    "min_train_nodes": (0, None),
+    "min_evaluate_nodes": (0, None),
+    "min_available_nodes": (0, None),
+    "proximal_mu": (0.0, None),
+}
 
 
 @dataclass(frozen=True)
@@ -66,16 +80,43 @@ def resolve_strategy(spec: str, defaults: Mapping[str, object] | None = None) ->
     return _build(call, defaults or {})
 
 
-def check_strategy_spec(spec: str, defaults: Mapping[str, object] | None = None) -> None:
+def check_strategy_spec(spec: str, defaults: Mapping[str, object] | None = None,
+                        num_nodes: int | None = None) -> None:
     """Raise :class:`StrategyError` if ``spec`` cannot be built; build nothing lasting.
 
     Constructing a strategy is cheap and is the only way to run the constructor's own value
     checks, so the strategy is built once and discarded, with Flower's construction-time
     log messages silenced so they appear only when the real strategy is built. Pass the
-    same ``defaults`` as to :func:`resolve_strategy` to also catch a default a class rejects.
+    same ``defaults`` as to :func:`resolve_strategy` to also catch a default a class rejects,
+    and ``num_nodes`` (the clients it will aggregate) to catch a sampling that cannot work.
     """
     with _flwr_logging_disabled():
-        resolve_strategy(spec, defaults)
+        strategy = resolve_strategy(spec, defaults)
+    if num_nodes is not None:
+        _check_sampling(spec, strategy, num_nodes)
+
+
+def _check_sampling(spec: str, strategy: Strategy, num_nodes: int) -> None:
+    """Check a FedAvg-family sampler (possibly inside wrappers) against ``num_nodes`` clients.
+
+    Flower samples ``max(int(n * fraction_train), min_train_nodes)`` nodes after waiting,
+    polling every second without end, until ``min_available_nodes`` (at least the sample)
+    are connected: asking for more than exist hangs the run instead of failing it.
+    """
+    sampler = strategy
+    while isinstance(getattr(sampler, "strategy", None), Strategy):  # DP wrappers: the inner one samples
+        sampler = sampler.strategy
+    if not all(hasattr(sampler, a) for a in ("fraction_train", "min_train_nodes", "min_available_nodes")):
+        return  # a user strategy that samples its own way
+    if sampler.fraction_train == 0:
+        raise StrategyError(f"'{spec}' has fraction_train=0: no client would ever train")
+    sample = max(int(num_nodes * sampler.fraction_train), sampler.min_train_nodes)
+    wanted = max(sample, sampler.min_available_nodes)
+    if wanted > num_nodes:
+        raise StrategyError(
+            f"'{spec}' waits for {wanted} nodes (min_train_nodes={sampler.min_train_nodes}, "
+            f"min_available_nodes={sampler.min_available_nodes}), but it has {num_nodes} clients: "
+            "Flower would wait forever")
 
 
 def available_strategies() -> list[str]:
@@ -103,6 +144,7 @@ def _build(call: CallSpec, defaults: Mapping[str, object]) -> Strategy:
     kwargs = {**applied, **kwargs}
     _reject_missing(call, kwargs, params)
     _reject_wrong_types(call, kwargs, params)
+    _reject_out_of_range(call, kwargs)
     return _construct(call, cls, kwargs, applied)
 
 
@@ -271,6 +313,17 @@ def _reject_wrong_types(call: CallSpec, kwargs: Mapping[str, Any], params: _Para
             raise StrategyError(
                 f"'{call.name}' argument {key}={value!r} should be {_describe(hint)}"
             )
+
+
+def _reject_out_of_range(call: CallSpec, kwargs: Mapping[str, Any]) -> None:
+    """Check the common arguments Flower's constructors store without checking (``_RANGES``)."""
+    for key, (low, high) in _RANGES.items():
+        value = kwargs.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue  # absent, or a type the annotation check already judged
+        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise StrategyError(f"'{call.name}' argument {key}={value!r} must be {span}")
 
 
 def _matches(value: Any, hint: Any) -> bool | None:
