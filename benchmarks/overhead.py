@@ -91,7 +91,8 @@ def simulator(cfg: SimConfig) -> tuple[list[float], float, float]:
     tree, from a real ``python -m sim.run``."""
     with tempfile.TemporaryDirectory() as out:
         args = [sys.executable, "-m", "sim.run", "--out", out, "--clients", str(cfg.clients),
-                "--rounds", str(cfg.rounds), "--protocol", cfg.protocol, "--defense", cfg.defense,
+                "--rounds", str(cfg.rounds), "--fraction", str(cfg.fraction), "--protocol", cfg.protocol,
+                "--defense", cfg.defense,
                 "--seed", str(cfg.seed), "--attacks", "none"]
         if cfg.train_subset:
             args += ["--train-subset", str(cfg.train_subset)]

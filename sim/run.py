@@ -135,7 +135,6 @@ def prepare(cfg: SimConfig) -> Prepared:
     Config errors name the value as the user gave it: ``--clients`` for a flag, ``FILE:
     groups[1].share`` for a YAML value (``located``).
     """
-
     with located(cfg):
         validate(cfg)
         check_external(cfg)
@@ -273,62 +272,78 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
                  num_cpus=os.cpu_count(), **common)
 
 
-def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Start Ray, the cloud and Flower's simulation; return the server's outcome.
+def client_resources(cfg: SimConfig) -> dict[str, float]:
+    return {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
+
+
+def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None = None) -> Any:
+    """In the Ray instance this process is connected to: put the data in the object store,
+    create the cloud actor, and return the ServerApp's plan (a ``ServerPlan``).
 
     ``resume`` is a run's checkpoint to go on from (see :func:`load_resume`)."""
     import ray
-    from flwr.simulation import run_simulation
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     from sim.client import initial_model
-    from sim.client_app import app as client_app
     from sim.cloud import CloudActor
-    from sim.server_app import ServerPlan, make_server_app
+    from sim.server_app import ServerPlan
 
     cfg, data = prep.config, prep.data
     namespace = f"sim-{run_dir.name}"
     cloud_name = "cloud"
-    t0 = time.perf_counter()
-    _start_ray(cfg, namespace)
+    # Flower's own count, node by node: an actor cannot span nodes, so on a cluster the pool
+    # can be smaller than the total CPUs suggest (two 1-CPU nodes fit two 0.6-CPU actors, not
+    # three), and an SFL-v2 wave larger than the pool waits forever for its missing client.
     try:
-        # Flower's own count, node by node: an actor cannot span nodes, so on a cluster the pool
-        # can be smaller than the total CPUs suggest (two 1-CPU nodes fit two 0.6-CPU actors, not
-        # three), and an SFL-v2 wave larger than the pool waits forever for its missing client.
-        client_resources = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
-        try:
-            num_actors = pool_size_from_resources(client_resources)
-        except ValueError:
-            resources = ray.cluster_resources()
-            raise ConfigError("client_cpus", f"no client actor fits on any node: the cluster has "
-                              f"{resources.get('CPU', 0)} CPUs and {resources.get('GPU', 0)} GPUs") from None
-        groups = cfg.resolved_groups()
-        torch.manual_seed(cfg.seed)
-        tails = {cut: state_to_numpy(build_tail(spec)) for cut, spec in sorted(prep.specs.items())}
-        heads = [initial_model(prep.specs[int(g.cut)], str(g.defense)) for g in groups]
-        setup = {
-            "config": cfg.to_dict(),
-            "specs": {cut: vars(spec) for cut, spec in prep.specs.items()},
-            "train_x": ray.put(data.train_x),
-            "train_y": ray.put(data.train_y),
-            "partitions": ray.put(prep.partitions),
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "device": prep.device,
-        }
-        # Keep the handle: a named actor dies when its creator drops the last handle to it.
-        cloud = CloudActor.options(name=cloud_name, namespace=namespace).remote(setup, tails)
-        plan = ServerPlan(
-            config=cfg, run_dir=run_dir, cloud=cloud, cloud_name=cloud_name, namespace=namespace,
-            specs=prep.specs, init_heads=heads,
-            eval_x=normalise(to_tensor(data.test_x[prep.eval_idx]), data.mean, data.std),
-            eval_y=torch.from_numpy(data.test_y[prep.eval_idx]),
-            num_actors=num_actors, reporter=reporter, resume=resume)
+        num_actors = pool_size_from_resources(client_resources(cfg))
+    except ValueError:
+        resources = ray.cluster_resources()
+        raise ConfigError("client_cpus", f"no client actor fits on any node: the cluster has "
+                          f"{resources.get('CPU', 0)} CPUs and {resources.get('GPU', 0)} GPUs") from None
+    groups = cfg.resolved_groups()
+    torch.manual_seed(cfg.seed)
+    tails = {cut: state_to_numpy(build_tail(spec)) for cut, spec in sorted(prep.specs.items())}
+    heads = [initial_model(prep.specs[int(g.cut)], str(g.defense)) for g in groups]
+    setup = {
+        "config": cfg.to_dict(),
+        "specs": {cut: vars(spec) for cut, spec in prep.specs.items()},
+        "train_x": ray.put(data.train_x),
+        "train_y": ray.put(data.train_y),
+        "partitions": ray.put(prep.partitions),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "device": prep.device,
+    }
+    # The plan keeps the handle: a named actor dies when its creator drops the last handle.
+    cloud = CloudActor.options(name=cloud_name, namespace=namespace).remote(setup, tails)
+    plan = ServerPlan(
+        config=cfg, run_dir=run_dir, cloud=cloud, cloud_name=cloud_name, namespace=namespace,
+        specs=prep.specs, init_heads=heads,
+        eval_x=normalise(to_tensor(data.test_x[prep.eval_idx]), data.mean, data.std),
+        eval_y=torch.from_numpy(data.test_y[prep.eval_idx]),
+        num_actors=num_actors, reporter=reporter, resume=resume)
+    plan.outcome["num_actors"] = num_actors
+    return plan
+
+
+def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start Ray, the cloud and Flower's simulation; return the server's outcome."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from sim.client_app import app as client_app
+    from sim.server_app import make_server_app
+
+    cfg = prep.config
+    t0 = time.perf_counter()
+    _start_ray(cfg, f"sim-{run_dir.name}")
+    try:
+        plan = make_plan(prep, run_dir, reporter, resume)
         plan.outcome["startup_seconds"] = time.perf_counter() - t0
         try:
             run_simulation(
                 server_app=make_server_app(plan), client_app=client_app, num_supernodes=cfg.clients,
-                backend_config={"client_resources": client_resources},
+                backend_config={"client_resources": client_resources(cfg)},
             )
         except Exception as exc:  # the ServerApp's own failure, re-raised by Flower
             plan.outcome.setdefault("error", exc)
@@ -336,7 +351,6 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
         reporter.stop()
         if ray.is_initialized():
             ray.shutdown()
-    plan.outcome["num_actors"] = num_actors
     plan.outcome["total_seconds"] = time.perf_counter() - t0
     return plan.outcome
 
@@ -432,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return finish(run_dir, prep, outcome, reporter.console)
+
+
+def finish(run_dir: Path, prep: Prepared, outcome: dict[str, Any], console: Any) -> int:
+    """After training: the summary, then the attack stage and the exported view; the exit code."""
+    cfg = prep.config
     error = outcome.get("error")
     summary = write_summary(run_dir, cfg, outcome)
     if error is not None:
@@ -440,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if parse_attacks(cfg.attacks):
-            attack_stage(run_dir, prep, reporter.console)
+            attack_stage(run_dir, prep, console)
         if cfg.export_view:
             export_view(run_dir, cfg.export_view)
     except (OSError, ValueError, RuntimeError) as exc:  # training results are already saved
