@@ -17,13 +17,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from attacks.base import AttackError, Knowledge, build_attack
+import inspect
+
+from attacks.base import ATTACKS, AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
 from attacks.view import load_view
 from sim.client import build_client_model
 from sim.data import ImageData, to_tensor
 from sim.models import SplitSpec, build_tail, load_numpy_state
-from sim.spec import split_top_level
+from sim.spec import parse_call, split_top_level
 
 METRICS = ("mse", "psnr", "ssim")  # of inversion attacks; completion rows have their accuracies
 
@@ -71,7 +73,7 @@ class StageResult:
 
 def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec], data: ImageData,
               aux_idx: np.ndarray, attacks: list[str], level: str, samples: int,
-              seed: int, progress: Callable[[str], None] = lambda _: None) -> StageResult:
+              seed: int, progress: Callable[[str], None] = lambda _: None, device: str = "cpu") -> StageResult:
     """Attack every client of the snapshot with every attack; one row per (client, attack).
 
     ``samples`` bounds the features attacked per client (optimisation attacks cost per
@@ -94,7 +96,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
                                           data.std, defense=defense)
         clients = sorted(set(rows["client_ids"][(rows["group_ids"] == g) & ~rows["failed"]].tolist()))
         for attack_spec in attacks:
-            attack = build_attack(attack_spec)
+            attack = build_attack(attack_spec, **on_device(attack_spec, device))
             progress(f"round {snapshot.round}: {attack.name} on group {group.name} "
                      f"({len(clients)} clients)")
             torch.manual_seed(seed)
@@ -116,6 +118,14 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
                 result.rows.append(row)
             result.seconds[attack.name] = result.seconds.get(attack.name, 0.0) + time.perf_counter() - t0
     return result
+
+
+def on_device(attack_spec: str, device: str) -> dict[str, str]:
+    """The run's device for an attack that trains or optimises (one with a ``device``
+    parameter), unless its spec names one."""
+    spec = parse_call(attack_spec)
+    accepts = "device" in inspect.signature(ATTACKS[spec.name].__init__).parameters
+    return {"device": device} if accepts and "device" not in spec.kwargs else {}
 
 
 def _client_features(rows: dict[str, np.ndarray], pid: int, samples: int,

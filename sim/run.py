@@ -161,6 +161,9 @@ def prepare(cfg: SimConfig) -> Prepared:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.ray_address is None and (device == "cuda" or cfg.client_gpus > 0) and not torch.cuda.is_available():
             raise ConfigError("device", "CUDA requested (--device cuda or --client-gpus) but no GPU is visible")
+        if cfg.client_gpus > 0 and device == "cpu":
+            raise ConfigError("device", "--client-gpus gives each client actor a GPU share, but --device is cpu: "
+                              "use --device cuda or auto")
         data = load_dataset(cfg.dataset, cfg.data_root)
         arch = cfg.arch or DEFAULT_ARCH.get(data.shape[0], "vgg11_bn")
         try:  # the architecture against the images first (cut 1 always exists), then each cut
@@ -387,7 +390,8 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
     for round_, directory in sorted(dirs.items()):
         result = run_stage(load_snapshot(directory, round_), cfg.resolved_groups(), prep.specs, prep.data,
                            prep.aux_idx, parse_attacks(cfg.attacks), cfg.attacker_knowledge,
-                           cfg.attack_samples, cfg.seed, progress=lambda text: console.print(f"attack: {text}"))
+                           cfg.attack_samples, cfg.seed, progress=lambda text: console.print(f"attack: {text}"),
+                           device=prep.device)
         stats = report.client_stats(prep.data.train_y, prep.partitions, records, round_)
         rows += report.join(result.rows, {round_: stats})
         for name, s in result.seconds.items():
