@@ -24,6 +24,7 @@ vanilla single call, 19.4 ms for the U-shaped pair, 1.14x.)
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,11 +176,15 @@ class CloudActor:
             self.optimizers[cut] = make_tail_optimizer(self.tails[cut].parameters(), self.lr, adversary)
         self.store = FeatureStore()
         self.pending: dict[int, _Pending] = {}
-        # SFL-v2 turn-taking state.
+        # SFL-v2 turn-taking state: the open wave's order and turn, the waves queued behind it,
+        # and the clients of the open and queued waves that have called (or were dropped).
         self._order: list[int] = []
         self._turn = 0
         self._cond = asyncio.Condition()
         self._sessions: dict[int, tuple[CloudSession, int, int, int]] = {}
+        self._waves: deque[tuple[int, list[tuple[int, int, int]]]] = deque()
+        self._arrived: set[int] = set()
+        self._dropped: set[int] = set()  # dropped from this round's waves: their calls are refused
 
     async def setup(self) -> dict[str, Any]:
         """The run's config and the object refs of the shared data, for client actors."""
@@ -216,22 +221,50 @@ class CloudActor:
     # ------------------------------------------------------------------------------ SFL-v2
 
     async def begin_wave(self, round_: int, wave: list[tuple[int, int, int]]) -> None:
-        """Open a wave of (partition id, group, cut); batches are served round-robin in order."""
-        torch.manual_seed(derive_seed(self.seed, round_, wave[0][0], RESERVOIR_SALT))
-        self._order = [pid for pid, _, _ in wave]
-        self._turn = 0
-        for pid, group, cut in wave:
-            session = CloudSession(self.tails[cut], self.optimizers[cut],
-                                   Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)))
-            self._sessions[pid] = (session, group, cut, round_)
+        """Queue a wave of (partition id, group, cut); batches are served round-robin in order.
+
+        The wave opens when the waves queued before it are done, so the server may push its
+        messages early and its clients wait here, in their actors, instead of in Flower's queue
+        (:meth:`wait_arrived`); the shared tail still sees the same seeded batch order.
+        """
+        async with self._cond:
+            self._arrived.difference_update(pid for pid, _, _ in wave)
+            self._dropped.difference_update(pid for pid, _, _ in wave)
+            self._waves.append((round_, list(wave)))
+            self._open_next()
+            self._cond.notify_all()
+
+    def _open_next(self) -> None:
+        """Open the next queued wave once the open one is done (callers hold the condition)."""
+        while not self._order and self._waves:
+            round_, wave = self._waves.popleft()
+            if not wave:
+                continue
+            torch.manual_seed(derive_seed(self.seed, round_, wave[0][0], RESERVOIR_SALT))
+            self._order = [pid for pid, _, _ in wave]
+            self._turn = 0
+            for pid, group, cut in wave:
+                session = CloudSession(self.tails[cut], self.optimizers[cut],
+                                       Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)))
+                self._sessions[pid] = (session, group, cut, round_)
+
+    async def wait_arrived(self, pids: list[int]) -> None:
+        """Return once each client of ``pids`` has made its first call or was dropped: they
+        then hold their actors, so the next wave's messages cannot take an actor one of them
+        still needs (which would deadlock the turn order)."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._arrived.issuperset(pids))
 
     async def _call(self, pid: int, last: bool, fn: Any, keep_turn: bool = False) -> Any:
         """Run ``fn`` on the client's session in its turn; then pass the turn on, unless
         ``keep_turn`` (a U-shaped forward whose backward must follow on the same tail)."""
         async with self._cond:
-            await self._cond.wait_for(lambda: pid not in self._sessions or self._order[self._turn] == pid)
-            if pid not in self._sessions:  # dropped (e.g. timed out): its calls are refused
-                raise RuntimeError(f"client {pid} is not in the cloud's current wave (dropped after a timeout?)")
+            if pid not in self._arrived:
+                self._arrived.add(pid)
+                self._cond.notify_all()
+            await self._cond.wait_for(lambda: pid in self._dropped or (self._order and self._order[self._turn] == pid))
+            if pid in self._dropped:  # e.g. after a timeout: its calls are refused
+                raise RuntimeError(f"client {pid} was dropped from the cloud's wave (after a timeout?)")
             result = fn(self._sessions[pid][0])
             if last and not keep_turn:
                 self._order.pop(self._turn)
@@ -239,19 +272,23 @@ class CloudActor:
                 self.store.put(session.view(pid, group, cut, round_, self.specs[cut].feature_shape))
                 if self._turn >= len(self._order):
                     self._turn = 0
+                self._open_next()
             elif not keep_turn:
                 self._turn = (self._turn + 1) % len(self._order)
             self._cond.notify_all()
             return result
 
     async def drop(self, pid: int) -> None:
-        """Take a failed client out of the wave so the others are not kept waiting for it.
+        """Take a failed client out of its wave so the others are not kept waiting for it.
 
         What the cloud received from it this round is kept, marked as from a failed round;
         the batches it already sent have updated the shared tail, as they would have on a
         real SFL-v2 server. Dropping a client twice, or one that finished, does nothing.
         """
         async with self._cond:
+            self._arrived.add(pid)
+            for _, wave in self._waves:
+                wave[:] = [w for w in wave if w[0] != pid]
             if pid in self._order:
                 i = self._order.index(pid)
                 self._order.pop(i)
@@ -259,10 +296,12 @@ class CloudActor:
                     self._turn -= 1
                 if self._turn >= len(self._order):
                     self._turn = 0
-                self._cond.notify_all()
             if pid in self._sessions:
                 session, group, cut, round_ = self._sessions.pop(pid)
                 self.store.put(session.view(pid, group, cut, round_, self.specs[cut].feature_shape, failed=True))
+            self._dropped.add(pid)
+            self._open_next()
+            self._cond.notify_all()
 
     async def train_batch(self, pid: int, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray,
                           last: bool = False) -> tuple[np.ndarray, float, int]:

@@ -100,7 +100,64 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None,
             on_reply(reply)
         if pending and not waiting:  # only vanished clients left: nothing comes before the deadline
             time.sleep(max(0.0, deadline - time.monotonic()))
-        elif pending:
+        elif any(left):
+            time.sleep(PULL_INTERVAL)
+    return replies
+
+
+def run_waves(grid: Grid, cloud: Any, r: int, waves: list[tuple[list[Message], list[tuple[int, int, int]]]],
+              timeout: float | None, on_reply: Callable[[Message], None],
+              pid_of: dict[int, int]) -> list[Message]:
+    """SFL-v2: run the round's waves one after another on the cloud, without idle actors between.
+
+    Each wave is queued at the cloud (``begin_wave``), which serves the waves in order. The next
+    wave's messages are pushed as soon as every client of the current wave holds an actor
+    (``wait_arrived``): they then wait in Flower's queue and start the moment an actor frees, so
+    neither Flower's dispatch delay nor the reply's way back leaves the actors idle between
+    waves. Pushing earlier could hand the next wave an actor that a client of the current wave
+    still needs, and the turn order would wait forever. ``timeout`` counts for each wave from
+    when the previous one is done, as if the waves ran strictly one after another; a client
+    that has not replied by then is dropped from the cloud's turn order and from the replies.
+    """
+    pending: dict[str, int] = {}  # message id -> wave index, for replies that can still arrive
+    left = [0] * len(waves)  # replies still due per wave
+    deadline: list[float | None] = [None] * len(waves)
+    replies: list[Message] = []
+    arrived: Any = None  # the cloud's wait_arrived for the last pushed wave
+    pushed = 0
+    while pushed < len(waves) or any(left):
+        if pushed < len(waves) and (arrived is None or not ray.wait([arrived], timeout=0)[1]):
+            msgs, members = waves[pushed]
+            ray.get(cloud.begin_wave.remote(r, members))
+            for mid in grid.push_messages(msgs):
+                pending[mid] = pushed
+            left[pushed] = len(msgs)
+            arrived = cloud.wait_arrived.remote([p for p, _, _ in members])
+            pushed += 1
+            continue
+        for reply in grid.pull_messages(list(pending)):
+            k = pending.pop(reply.metadata.reply_to_message_id, None)
+            if k is not None and not lost(reply):  # a lost one stays due until the timeout
+                left[k] -= 1
+                replies.append(reply)
+                on_reply(reply)
+        now = time.monotonic()
+        current = next((k for k in range(pushed) if left[k]), None)
+        if current is not None and timeout is not None:
+            if deadline[current] is None:
+                deadline[current] = now + timeout
+            elif now > deadline[current]:  # give up on the wave's missing clients
+                for mid in [m for m, k in pending.items() if k == current]:
+                    del pending[mid]
+                left[current] = 0
+                done = {pid_of[m.metadata.src_node_id] for m in replies}
+                for _, (pid, _, _) in zip(*waves[current]):
+                    if pid not in done:
+                        ray.get(cloud.drop.remote(pid))
+                continue
+        if pushed < len(waves):
+            ray.wait([arrived], timeout=PULL_INTERVAL)
+        elif any(left):
             time.sleep(PULL_INTERVAL)
     return replies
 
@@ -248,20 +305,13 @@ class Federation:
 
         order = np.random.default_rng(derive_seed(self.cfg.seed, r, ROUND_SALT)).permutation(len(messages))
         messages = [messages[i] for i in order]
-        replies = []
         group_of = self.cfg.group_of()
+        waves = []
         for start in range(0, len(messages), self.plan.num_actors):
             wave = messages[start:start + self.plan.num_actors]
             pids = [self.pid_of[m.metadata.dst_node_id] for m in wave]
-            ray.get(self.cloud.begin_wave.remote(
-                r, [(p, group_of[p], int(self.groups[group_of[p]].cut)) for p in pids]))
-            wave_replies = exchange(self.grid, wave, timeout, on_reply_v2)
-            answered = {self.pid_of[m.metadata.src_node_id] for m in wave_replies}
-            for pid in pids:  # no reply before the timeout: the cloud gives up on the client
-                if pid not in answered:
-                    ray.get(self.cloud.drop.remote(pid))
-            replies += wave_replies
-        return replies
+            waves.append((wave, [(p, group_of[p], int(self.groups[group_of[p]].cut)) for p in pids]))
+        return run_waves(self.grid, self.cloud, r, waves, timeout, on_reply_v2, self.pid_of)
 
     def _round(self, r: int) -> dict[str, Any]:
         t0 = time.perf_counter()
