@@ -100,7 +100,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None,
             on_reply(reply)
         if pending and not waiting:  # only vanished clients left: nothing comes before the deadline
             time.sleep(max(0.0, deadline - time.monotonic()))
-        elif any(left):
+        elif pending:
             time.sleep(PULL_INTERVAL)
     return replies
 

@@ -55,7 +55,7 @@ def test_a_queued_wave_waits_for_the_open_one_and_turns_follow_the_order(cloud):
     assert _waiting(early)  # pid 1 has a turn left in the open wave
     ray.get(cloud.predict.remote(1, _batch(1)[1], True), timeout=30)
     ray.get(early, timeout=30)  # the wave is done: the queued one opened
-    views = ray.get(cloud.views.remote())
+    views = ray.get(cloud.view.remote()).clients
     assert {p: views[p].seen for p in (0, 1, 2)} == {0: 4, 1: 4, 2: 4}
 
 
@@ -68,5 +68,5 @@ def test_wait_arrived_counts_a_dropped_client_and_the_wave_goes_on_without_it(cl
     ray.get(cloud.drop.remote(4))  # e.g. it failed before its first batch
     ray.get(arrived, timeout=30)
     ray.get(cloud.predict.remote(3, _batch(3)[1], True), timeout=30)  # not kept waiting for pid 4
-    views = ray.get(cloud.views.remote())
+    views = ray.get(cloud.view.remote()).clients
     assert views[3].seen == 4 and 4 not in views
