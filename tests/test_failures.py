@@ -65,6 +65,7 @@ def check_run(run_dir: Path, clients: int, rounds: int, rate: float) -> None:
     assert marked and marked <= set(counts)  # what failed clients sent is kept, marked
 
 
+@pytest.mark.slow
 def test_failures_sflv1_small(tmp_path):
     """SFL-v1: a failed client's tail copy is not averaged; its features are marked."""
     run_dir = run_sim(tmp_path / "runs", *SMALL, "--clients", "8", "--protocol", "sflv1", "--rounds", "2",
