@@ -524,6 +524,7 @@ def test_bad_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: st
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_its_checkpoint(tmp_path: Path) -> None:
     """A learning rate so large that the loss turns NaN: found during the run, exit 1, one
     error line, and the checkpoint of the last complete round (here: before the first) kept."""

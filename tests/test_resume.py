@@ -80,6 +80,7 @@ def test_sigkill_mid_round_then_resume_gives_the_same_numbers(tmp_path):
     assert checkpointed_round(run_dir) == 3
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_corrupt_checkpoint(tmp_path):
     run_dir = run_sim(tmp_path / "runs", *SMALL, "--rounds", "1")
     path = run_dir / checkpoint.CHECKPOINT
