@@ -30,6 +30,16 @@ CEM_TERM = "cem_mixture_term"
 _CEM_REPORT_KEY = "mixture-info"
 
 
+def failure_counts(records: list[dict[str, Any]], until_round: int | None = None) -> dict[int, int]:
+    """Per client, the rounds it failed (crashed, or no reply in time), up to ``until_round``."""
+    counts: dict[int, int] = {}
+    for record in records:
+        if until_round is None or record["round"] <= until_round:
+            for f in record["failed"]:
+                counts[f["partition_id"]] = counts.get(f["partition_id"], 0) + 1
+    return counts
+
+
 def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarray]],
                  records: list[dict[str, Any]], until_round: int) -> dict[int, dict[str, Any]]:
     """Per client: data statistics, its latest reported numbers and its failed rounds, up to
@@ -39,11 +49,11 @@ def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarr
         counts = np.bincount(labels[train])
         stats[pid] = {"num_examples": len(train), "num_classes": int((counts > 0).sum()),
                       "majority_share": round(float(counts.max() / counts.sum()), 4), "failures": 0}
+    for pid, n in failure_counts(records, until_round).items():
+        stats[pid]["failures"] = n
     for record in records:
         if record["round"] > until_round:
             continue
-        for f in record["failed"]:  # rounds the client failed (crashed, or no reply in time)
-            stats[f["partition_id"]]["failures"] += 1
         for c in record["clients"]:
             if c["accuracy"] is not None:
                 stats[c["partition_id"]]["accuracy"] = c["accuracy"]

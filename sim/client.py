@@ -118,16 +118,16 @@ class LocalTail:
         return self.session.embed(z)
 
     def finish(self, num_examples: int) -> None:
-        view = self.session.view(self.pid, self.group, self.cut, self.round,
-                                 self.rt.specs[self.cut].feature_shape)
-        ray.get(self.rt.cloud.submit.remote(self.pid, self.cut, state_to_numpy(self.session.tail),
-                                            num_examples, view))
+        self._submit(state_to_numpy(self.session.tail), num_examples)
 
     def abort(self) -> None:
         """The client failed mid-round: hand over only what the cloud received (no tail copy)."""
+        self._submit(None, 0)
+
+    def _submit(self, tail_state: dict[str, np.ndarray] | None, num_examples: int) -> None:
         view = self.session.view(self.pid, self.group, self.cut, self.round,
-                                 self.rt.specs[self.cut].feature_shape, failed=True)
-        ray.get(self.rt.cloud.submit.remote(self.pid, self.cut, None, 0, view))
+                                 self.rt.specs[self.cut].feature_shape, failed=tail_state is None)
+        ray.get(self.rt.cloud.submit.remote(self.pid, self.cut, tail_state, num_examples, view))
 
 
 class RemoteTail:

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from attacks.report import failure_counts
 from sim import checkpoint
 from sim.client import VANISHED, build_client_last, build_client_model
 from sim.client_app import CLIENT_STATE
@@ -328,7 +329,7 @@ class Federation:
         if not ok:
             raise RunFailure(f"round {r}: every sampled client failed; first error: "
                              f"{next(iter(failed.values()))}")
-        failures = self._failures()
+        failures = failure_counts(self.records)
         for p in failed:
             failures[p] = failures.get(p, 0) + 1
         for p in ok:  # the client's own state comes back with a successful reply only
@@ -359,14 +360,6 @@ class Federation:
             "seconds": round(time.perf_counter() - t0, 3),
             "clients": sorted(clients, key=lambda c: c["partition_id"]),
         }
-
-    def _failures(self) -> dict[int, int]:
-        """Failed rounds per client so far, from the records."""
-        counts: dict[int, int] = {}
-        for record in self.records:
-            for f in record["failed"]:
-                counts[f["partition_id"]] = counts.get(f["partition_id"], 0) + 1
-        return counts
 
     def _evaluate(self, r: int) -> tuple[float, dict[str, float]]:
         """Accuracy on the evaluation split: per group, and their mean weighted by clients."""
