@@ -71,6 +71,9 @@ class Knowledge:
     head: nn.Module | None = None  # whitebox only: the aggregated head (eval mode, a copy)
     query: Callable[[torch.Tensor], torch.Tensor] | None = None  # x01 -> z (defense applied)
     defense: nn.Module | None = None  # the public defense forward (eval mode, a copy)
+    # Every feature the cloud recorded of this group's clients (pooled, no sample ids): what a
+    # distribution-matching attacker (SDAR, FORA) aligns its substitute head to.
+    observed: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.defense is None:  # the public spec is always known

@@ -94,7 +94,9 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         load_numpy_state(tail, snapshot.tails[cut])
         knowledge = Knowledge.from_models(level, head, tail, str(group.defense), spec, data.mean,
                                           data.std, defense=defense)
-        clients = sorted(set(rows["client_ids"][(rows["group_ids"] == g) & ~rows["failed"]].tolist()))
+        mine = (rows["group_ids"] == g) & ~rows["failed"]
+        knowledge.observed = torch.from_numpy(rows["features"][mine])
+        clients = sorted(set(rows["client_ids"][mine].tolist()))
         for attack_spec in attacks:
             attack = build_attack(attack_spec, **on_device(attack_spec, device))
             progress(f"round {snapshot.round}: {attack.name} on group {group.name} "
