@@ -70,6 +70,9 @@ class Knowledge:
     split: SplitSpec | None = None
     head: nn.Module | None = None  # whitebox only: the aggregated head (eval mode, a copy)
     query: Callable[[torch.Tensor], torch.Tensor] | None = None  # x01 -> z (defense applied)
+    # whitebox only: the same oracle through the head the attacked round started from (the
+    # server sent it to the clients), whose features were recorded early in the round
+    start_query: Callable[[torch.Tensor], torch.Tensor] | None = None
     defense: nn.Module | None = None  # the public defense forward (eval mode, a copy)
     # Every feature the cloud recorded of this group's clients (pooled, no sample ids): what a
     # distribution-matching attacker (SDAR, FORA) aligns its substitute head to.
@@ -85,6 +88,26 @@ class Knowledge:
             raise AttackError(f"knowledge level '{self.level}' must not carry the head's weights")
         if self.query is not None and rank < _level_rank("query"):
             raise AttackError(f"knowledge level '{self.level}' must not carry query access")
+        if self.start_query is not None and rank < _level_rank("whitebox"):
+            raise AttackError(f"knowledge level '{self.level}' must not carry the starting head")
+
+    def oracles(self, heads: str = "both") -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The query oracles of the round's heads: ``"end"`` (the aggregated head),
+        ``"start"`` (the head the round began with, white-box only) or ``"both"`` (those held).
+
+        The recorded features of a round come from heads between the two: each client
+        trains from the start head towards its own update, of which the end head is the mean.
+        """
+        if self.query is None:
+            raise AttackError(f"knowledge level '{self.level}' gives no query access")
+        if heads == "end":
+            return [self.query]
+        if heads == "start":
+            if self.start_query is None:
+                raise AttackError("the round's starting head is not known (white-box knowledge of "
+                                  "a run that saved it is needed)")
+            return [self.start_query]
+        return [self.query] + ([self.start_query] if self.start_query is not None else [])
 
     def allows(self, level: str) -> bool:
         """Whether this knowledge includes everything ``level`` grants."""
@@ -97,7 +120,8 @@ class Knowledge:
     @classmethod
     def from_models(cls, level: str, head: nn.Module | None, tail: nn.Module | None,
                     defense_spec: str, spec: SplitSpec, mean: tuple[float, ...],
-                    std: tuple[float, ...], defense: nn.Module | None = None) -> Knowledge:
+                    std: tuple[float, ...], defense: nn.Module | None = None,
+                    start_head: nn.Module | None = None) -> Knowledge:
         """Build the knowledge of ``level`` from the group's models, dropping what it forbids.
 
         The query oracle holds private eval-mode copies of ``head`` and of the defense (built
@@ -118,19 +142,21 @@ class Knowledge:
             defense_mod.bind(spec.feature_shape, spec.in_shape)
         defense_mod.eval()
         public = dict(defense_mod.public_params()) if hasattr(defense_mod, "public_params") else {}
-        query = head_copy = None
+        query = head_copy = start_query = None
         if rank >= _level_rank("query"):
             if head is None:
                 raise AttackError(f"knowledge level '{level}' needs the head to answer queries")
             head_copy = _frozen_copy(head)
             query = _make_query(head_copy, defense_mod, tuple(mean), tuple(std))
+        if rank >= _level_rank("whitebox") and start_head is not None:
+            start_query = _make_query(_frozen_copy(start_head), defense_mod, tuple(mean), tuple(std))
         return cls(level=level, image_shape=tuple(spec.in_shape), feature_shape=spec.feature_shape,
                    num_classes=spec.num_classes,
                    tail=_frozen_copy(tail) if tail is not None else None,
                    defense_spec=defense_spec, defense_public=public, mean=tuple(mean),
                    std=tuple(std), split=spec,
                    head=head_copy if rank >= _level_rank("whitebox") else None, query=query,
-                   defense=defense_mod)
+                   start_query=start_query, defense=defense_mod)
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

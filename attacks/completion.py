@@ -36,15 +36,15 @@ initialisation (with 0.999 fixed, 37 % of the teacher would still be its initial
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Attack, AttackError, Knowledge, register
+from attacks.threads import torch_threads
 
 
 class MaliciousOptimizer:
@@ -96,19 +96,6 @@ class MaliciousOptimizer:
         self.inner.load_state_dict(state["inner"])
         params = self._params()
         self._last_grad = {id(params[int(i)]): g for i, g in state["last_grad"].items()}
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: the MLP's ops are far too small to gain from more, and on busy
-    cores extra threads only add synchronisation (measured: MixMatch 4.7 s on one thread,
-    23 s on two, on 2 cores shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class InferenceHead(nn.Module):
@@ -236,7 +223,7 @@ class PassiveCompletion(Attack):
         if aux_labels is None:
             raise AttackError(f"attack '{self.name}' needs the labels of its auxiliary data")
         assert knowledge.query is not None and knowledge.tail is not None
-        with one_thread():
+        with torch_threads(1):  # its MLP's ops are far too small to gain from more threads
             self._complete(knowledge, aux01, aux_labels)
 
     def _complete(self, knowledge: Knowledge, aux01: torch.Tensor, aux_labels: torch.Tensor) -> None:

@@ -4,13 +4,17 @@ The cloud has its auxiliary images processed by the client's head and defense (q
 and trains an inverse network from those features back to the images; it then applies it to
 the victims' recorded features. Every batch re-queries, so the decoder sees fresh defense noise
 each time, as a noise-aware attacker that knows sigma would simulate it (CEM §B.1).
-Defaults are CEM's: Adam 1e-3, weight decay 1e-4, cosine annealing to 1e-5, batch 256, MSE
-against the [0, 1] image, 50 epochs (the simulator passes fewer at small scale).
+
+It trains to convergence (:mod:`attacks.training`): a validation slice of the auxiliary data
+is held out, the learning rate is cut when its MSE stops falling, training stops once it has
+not improved for ``patience`` epochs, and the best epoch's weights are kept. CEM trains a
+fixed 50 epochs with cosine annealing; a fixed budget either wastes time or stops short,
+depending on the head and defense, and stopping short understates the leakage.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,40 +22,54 @@ from torch import nn
 
 from attacks.base import Attack, Knowledge, register
 from attacks.models import build_decoder
+from attacks.training import Budget, Curve, fit_until_converged, split_validation
+
+Oracle = Callable[[torch.Tensor], torch.Tensor]
 
 
-def train_decoder(decoder: nn.Module, features_of: Callable[[torch.Tensor], torch.Tensor],
-                  aux01: torch.Tensor, *, epochs: int, batch_size: int = 256, lr: float = 1e-3,
-                  weight_decay: float = 1e-4, min_lr: float = 1e-5,
-                  device: str | torch.device = "cpu") -> list[float]:
-    """Fit ``decoder`` to map ``features_of(x)`` back to ``x``; returns the per-epoch MSE.
+def train_decoder(decoder: nn.Module, features_of: Oracle | Sequence[Oracle], aux01: torch.Tensor,
+                  *, budget: Budget, batch_size: int = 64, lr: float = 1e-3,
+                  weight_decay: float = 1e-4, device: str | torch.device = "cpu", seed: int = 0,
+                  name: str = "decoder") -> Curve:
+    """Fit ``decoder`` to map ``features_of(x)`` back to ``x`` until the validation MSE stops
+    improving; returns the training :class:`~attacks.training.Curve`.
 
-    ``features_of`` (the query oracle) is called on every batch, so a stochastic defense
-    draws fresh noise for every pair in every epoch, and no copy of the whole auxiliary set
-    is ever made. Shuffles and initialisation (and the oracle's noise) use torch's global
-    generator: the same ``torch.manual_seed`` gives the same decoder.
+    ``features_of`` (the query oracle) is called on every batch, so a stochastic defense draws
+    fresh noise for every pair in every epoch. Several oracles (e.g. the heads a white-box
+    cloud holds at the start and the end of a round) share each batch between them, so the
+    decoder learns to invert every one of them; the validation slice is encoded once by each
+    (one fixed draw of the noise, so epochs are compared on the same pairs). Shuffles and
+    initialisation use torch's global generator, the split ``seed``: the same seeds give the
+    same decoder.
     """
+    oracles = [features_of] if callable(features_of) else list(features_of)
     decoder.to(device).train()
+    train_idx, val_idx = split_validation(len(aux01), seed=seed)
+    val_x = aux01[val_idx]
+    val_z = [oracle(val_x).detach() for oracle in oracles]
+    val_x = val_x.to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = -(-len(aux01) // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, epochs * steps_per_epoch), eta_min=min_lr)
-    history = []
-    for _ in range(epochs):
-        order = torch.randperm(len(aux01))
+
+    def epoch() -> float:
+        order = train_idx[torch.randperm(len(train_idx))]
         total = 0.0
         for start in range(0, len(order), batch_size):
             x_cpu = aux01[order[start:start + batch_size]]
-            z = features_of(x_cpu).detach().to(device)
-            x = x_cpu.to(device)
-            loss = F.mse_loss(decoder(z), x)
+            parts = torch.arange(len(x_cpu)) % len(oracles)
+            z = torch.cat([oracles[k](x_cpu[parts == k]).detach() for k in range(len(oracles))])
+            x = torch.cat([x_cpu[parts == k] for k in range(len(oracles))]).to(device)
+            loss = F.mse_loss(decoder(z.to(device)), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
             total += float(loss.detach()) * len(x)
-        history.append(total / len(order))
-    return history
+        return total / len(order)
+
+    def validate() -> float:
+        return sum(float(F.mse_loss(decode(decoder, z, device=device).to(device), val_x))
+                   for z in val_z) / len(val_z)
+
+    return fit_until_converged([decoder], [optimizer], epoch, validate, budget, name)
 
 
 def decode(decoder: nn.Module, features: torch.Tensor, batch_size: int = 512,
@@ -65,41 +83,52 @@ def decode(decoder: nn.Module, features: torch.Tensor, batch_size: int = 512,
 
 @register
 class DecoderAttack(Attack):
-    """Train CEM's ``res_normN8C64`` inverse network on ``(query(x_aux), x_aux)`` pairs.
+    """Train CEM's inverse network on ``(query(x_aux), x_aux)`` pairs until it converges.
 
     Parameters:
-        epochs: passes over the auxiliary data (CEM: 50).
-        batch_size, lr, weight_decay, min_lr: Adam with cosine annealing, as in CEM.
-        width, blocks: the decoder's channels and residual blocks (CEM: 64 and 8); smaller
-            values trade attack strength for speed.
+        epochs: the epoch cap; training stops earlier once the validation MSE has not
+            improved for ``patience`` epochs (the report gives the epochs used).
+        patience: epochs without a validation improvement before stopping (the learning rate
+            is cut by 0.3 after each epoch without one).
+        max_seconds: the time cap of the training.
+        batch_size, lr, weight_decay, min_lr: Adam (CEM: lr 1e-3, weight decay 1e-4).
+        width, blocks: the decoder's channels and residual blocks (CEM: 64 and 8).
+        heads: which of the white-box cloud's heads of the attacked round it inverts: "end"
+            (the aggregated head), "start" (the head the round started from) or "both".
         device: where the decoder trains ("cpu", "cuda").
     """
 
     name = "decoder"
     needs = "query"
 
-    def __init__(self, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, min_lr: float = 1e-5, width: int = 64,
-                 blocks: int = 8, device: str = "cpu") -> None:
+    def __init__(self, epochs: int = 100, patience: int = 4, max_seconds: float = 1200.0,
+                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 min_lr: float = 1e-5, width: int = 32, blocks: int = 2, heads: str = "both",
+                 device: str = "cpu") -> None:
         super().__init__()
         if epochs < 1 or batch_size < 1 or lr <= 0:
             raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, "
                              f"{batch_size}, {lr}")
-        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
-        self.weight_decay, self.min_lr, self.device = weight_decay, min_lr, device
-        self.width, self.blocks = width, blocks
+        if heads not in HEAD_CHOICES:
+            raise ValueError(f"heads must be one of {', '.join(HEAD_CHOICES)}, got '{heads}'")
+        self.budget = Budget(max_epochs=epochs, patience=patience, max_seconds=max_seconds,
+                             min_lr=min_lr)
+        self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
+        self.width, self.blocks, self.heads, self.device = width, blocks, heads, device
         self.decoder: nn.Module | None = None
-        self.history: list[float] = []
+        self.curves: list[Curve] = []
 
     def _fit(self, knowledge: Knowledge, aux01: torch.Tensor,
              aux_labels: torch.Tensor | None) -> None:
-        assert knowledge.query is not None  # guaranteed by needs = "query"
         self.decoder = build_decoder(knowledge.feature_shape, knowledge.image_shape,
                                      self.width, self.blocks)
-        self.history = train_decoder(
-            self.decoder, knowledge.query, aux01, epochs=self.epochs,
+        self.curves = [train_decoder(
+            self.decoder, knowledge.oracles(self.heads), aux01, budget=self.budget,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            min_lr=self.min_lr, device=self.device)
+            device=self.device, name=self.name)]
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
         return decode(self.decoder, features, device=self.device)
+
+
+HEAD_CHOICES = ("end", "start", "both")

@@ -28,6 +28,7 @@ tail then pins down more tightly than the loose clean feature space. The surroga
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,44 +36,55 @@ from torch import nn
 
 from attacks.base import Attack, AttackError, Knowledge, register
 from attacks.decoder import decode, train_decoder
+from attacks.training import Budget, Curve, fit_until_converged, split_validation
 from attacks.models import build_decoder
 from sim.models import build_head
 
 
 def train_surrogate(surrogate: nn.Module, defense: nn.Module, tail: nn.Module,
-                    normalise, aux01: torch.Tensor, labels: torch.Tensor, *, epochs: int,
-                    batch_size: int = 128, lr: float = 1e-3,
-                    device: str | torch.device = "cpu") -> list[float]:
+                    normalise: Callable[[torch.Tensor], torch.Tensor], aux01: torch.Tensor,
+                    labels: torch.Tensor, *, budget: Budget, batch_size: int = 128,
+                    lr: float = 1e-3, device: str | torch.device = "cpu",
+                    seed: int = 0) -> Curve:
     """Train ``surrogate`` so that the frozen ``tail`` (eval mode) classifies its features
-    (after the public ``defense``); returns the per-epoch accuracy on the auxiliary data."""
+    (after the public ``defense``) until the cross-entropy on a validation slice of the
+    auxiliary data stops falling; returns the training curve."""
     surrogate.to(device).train()
     tail.to(device).eval()
     defense.train()
     optimizer = torch.optim.Adam(surrogate.parameters(), lr=lr)
-    history = []
-    for _ in range(epochs):
-        order = torch.randperm(len(aux01))
-        correct = 0
+    train_idx, val_idx = split_validation(len(aux01), seed=seed)
+    logits_of = lambda x: tail(defense(surrogate(normalise(x.to(device)))))  # noqa: E731
+
+    def epoch() -> float:
+        order = train_idx[torch.randperm(len(train_idx))]
+        total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            x, y = aux01[idx].to(device), labels[idx].to(device)
-            logits = tail(defense(surrogate(normalise(x))))
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits_of(aux01[idx]), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            correct += int((logits.argmax(1) == y).sum())
-        history.append(correct / len(aux01))
-    return history
+            total += float(loss.detach()) * len(idx)
+        return total / len(order)
+
+    def validate() -> float:
+        return float(F.cross_entropy(logits_of(aux01[val_idx]), labels[val_idx].to(device)))
+
+    return fit_until_converged([surrogate], [optimizer], epoch, validate, budget, "ka surrogate")
 
 
 @register
 class KnowledgeAlignment(Attack):
     """Surrogate head aligned through the frozen tail, then a decoder on its features.
 
+    Both phases train to convergence on a validation slice of the auxiliary data (the
+    surrogate on its cross-entropy through the tail, the decoder on its MSE).
+
     Parameters:
-        head_epochs: epochs training the surrogate head through the frozen tail.
-        epochs: decoder epochs (as ``decoder``).
+        head_epochs: the epoch cap of the surrogate head's training through the frozen tail.
+        epochs: the decoder's epoch cap (as ``decoder``).
+        patience, max_seconds: when each phase stops (as ``decoder``).
         head_lr: Adam learning rate for the surrogate (batch 128).
         batch_size, lr: the decoder's batch and Adam learning rate (as ``decoder``).
         width, blocks: decoder size (as ``decoder``).
@@ -83,19 +95,20 @@ class KnowledgeAlignment(Attack):
     needs = "none"
     splits = ("vanilla",)  # aligns through the tail's class logits, which a U-shaped tail lacks
 
-    def __init__(self, head_epochs: int = 5, epochs: int = 50, head_lr: float = 1e-3,
-                 batch_size: int = 256, lr: float = 1e-3, width: int = 64, blocks: int = 8,
-                 device: str = "cpu") -> None:
+    def __init__(self, head_epochs: int = 100, epochs: int = 100, patience: int = 4,
+                 max_seconds: float = 1200.0, head_lr: float = 1e-3, batch_size: int = 64,
+                 lr: float = 1e-3, width: int = 32, blocks: int = 2, device: str = "cpu") -> None:
         super().__init__()
         if head_epochs < 1 or epochs < 1 or head_lr <= 0 or lr <= 0:
             raise ValueError(f"need head_epochs >= 1, epochs >= 1, head_lr > 0, lr > 0; got "
                              f"{head_epochs}, {epochs}, {head_lr}, {lr}")
-        self.head_epochs, self.epochs, self.head_lr, self.lr = head_epochs, epochs, head_lr, lr
+        self.head_budget = Budget(max_epochs=head_epochs, patience=patience, max_seconds=max_seconds)
+        self.budget = Budget(max_epochs=epochs, patience=patience, max_seconds=max_seconds)
+        self.head_lr, self.lr = head_lr, lr
         self.batch_size, self.width, self.blocks, self.device = batch_size, width, blocks, device
         self.surrogate: nn.Module | None = None
         self.decoder: nn.Module | None = None
-        self.surrogate_accuracy: list[float] = []
-        self.history: list[float] = []
+        self.curves: list[Curve] = []
 
     def _fit(self, knowledge: Knowledge, aux01: torch.Tensor,
              aux_labels: torch.Tensor | None) -> None:
@@ -108,9 +121,9 @@ class KnowledgeAlignment(Attack):
         # The surrogate copies the public architecture, never the real head's weights.
         self.surrogate = build_head(knowledge.split)
         defense = copy.deepcopy(knowledge.defense)
-        self.surrogate_accuracy = train_surrogate(
+        surrogate_curve = train_surrogate(
             self.surrogate, defense, knowledge.tail, knowledge.normalise, aux01, aux_labels,
-            epochs=self.head_epochs, lr=self.head_lr, device=self.device)
+            budget=self.head_budget, lr=self.head_lr, device=self.device)
         self.surrogate.eval()
         defense.eval()
 
@@ -121,8 +134,9 @@ class KnowledgeAlignment(Attack):
 
         self.decoder = build_decoder(knowledge.feature_shape, knowledge.image_shape,
                                      self.width, self.blocks)
-        self.history = train_decoder(self.decoder, surrogate_query, aux01, epochs=self.epochs,
-                                     batch_size=self.batch_size, lr=self.lr, device=self.device)
+        self.curves = [surrogate_curve, train_decoder(
+            self.decoder, surrogate_query, aux01, budget=self.budget, batch_size=self.batch_size,
+            lr=self.lr, device=self.device, name="ka decoder")]
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
         return decode(self.decoder, features, device=self.device)

@@ -78,6 +78,49 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+WORST = "worst-case"  # the pseudo-attack of each client's strongest inversion result
+WORST_LABELS = "worst-case-labels"  # ... and of its strongest label inference
+# per metric: which way is worse for the client (more leakage)
+_WORSE = {"ssim": max, "psnr": max, "mse": min, "completion_accuracy": max}
+
+
+def worst_case(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per client and attacked round, the strongest attack's result on every metric.
+
+    A defense is as good as its worst attack: for each (round, client) this gives the highest
+    SSIM and PSNR and the lowest MSE over the inversion attacks (``attack = "worst-case"``),
+    and the highest label accuracy over the label-inference attacks (``"worst-case-labels"``),
+    each with the attack that reached it (``ssim_attack``, ...). Metrics may come from
+    different attacks: each is the client's worst case on that metric.
+    """
+    by_client: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["attack"] not in (WORST, WORST_LABELS):
+            by_client[(row["round"], row["partition_id"])].append(row)
+    out = []
+    for (round_, pid), mine in sorted(by_client.items()):
+        for name, metrics in ((WORST, ("ssim", "psnr", "mse")), (WORST_LABELS, ("completion_accuracy",))):
+            scored = [r for r in mine if metrics[0] in r]
+            if not scored:
+                continue
+            worst = {k: v for k, v in scored[0].items() if k not in ATTACK_FIELDS}
+            worst |= {"attack": name, "attacks": "+".join(r["attack"] for r in scored)}
+            for metric in metrics:
+                best = _WORSE[metric](scored, key=lambda r: r[metric])
+                worst[metric], worst[f"{metric}_attack"] = best[metric], best["attack"]
+                if metric == "completion_accuracy":
+                    worst["scratch_accuracy"] = best.get("scratch_accuracy", float("nan"))
+            if name == WORST:
+                worst |= {f"baseline_{m}": scored[0][f"baseline_{m}"] for m in metrics}
+            out.append(worst)
+    return out
+
+
+# the columns that belong to one attack's result, not to the client
+ATTACK_FIELDS = ("attack", "mse", "psnr", "ssim", "baseline_mse", "baseline_psnr",
+                 "baseline_ssim", "completion_accuracy", "scratch_accuracy", "fit_epochs", "fit_stopped")
+
+
 def group_means(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[str, dict[str, float]]]:
     """``{attack: {group: {metric: mean}}}`` over the clients attacked at the final round."""
     acc: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -211,11 +254,46 @@ def plot_grid(examples: dict[int, tuple[torch.Tensor, torch.Tensor]], attack: st
     plt.close(fig)
 
 
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Validation loss per epoch of every training phase of every attack (final round)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for attack, fits in curves.items():
+        for fit in fits:
+            ax.plot(range(1, len(fit["val"]) + 1), fit["val"], marker=".",
+                    label=f"{fit['name'] or attack} / {fit['group']} ({fit['stopped']})")
+    ax.set(xlabel="epoch", ylabel="validation loss", yscale="log", title="attack training on the validation slice")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cost_table(seconds: dict[str, float], curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown rows: per attack its seconds, and per training phase the epochs it used."""
+    lines = ["| attack | seconds | training phase (group) | epochs used | best epoch | stopped by | "
+             "best validation loss |", "|---|---|---|---|---|---|---|"]
+    for attack, total in seconds.items():
+        fits = curves.get(attack) or [{}]
+        for fit in fits:
+            phase = f"{fit.get('name') or attack} ({fit['group']})" if fit else "no training"
+            val = f"{min(fit['val']):.5f}" if fit.get("val") else ""
+            lines.append(f"| {attack} | {total:.1f} | {phase} | {len(fit.get('val', []))} | "
+                         f"{fit.get('best_epoch', '')} | {fit.get('stopped', '')} | {val} |")
+    return lines
+
+
 def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, Any],
-                 means: dict[str, Any], seconds: dict[str, float], final_round: int) -> list[str]:
-    """All figures and ``report.md``; returns the figure file names."""
+                 means: dict[str, Any], seconds: dict[str, float], final_round: int,
+                 curves: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    """All figures and ``report.md``; returns the figure file names.
+
+    The worst case over the attacks (:func:`worst_case`) leads each table and gets the
+    per-client figures first: a defense is as good as its worst attack.
+    """
     figures = []
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    attacks = sorted(dict.fromkeys(r["attack"] for r in rows), key=lambda a: a not in (WORST, WORST_LABELS))
+    means = {a: means[a] for a in sorted(means, key=lambda a: a not in (WORST, WORST_LABELS))}
+    curves = {a: [c for c in fits if c["round"] == final_round] for a, fits in (curves or {}).items()}
     completion = {r["attack"] for r in rows if "completion_accuracy" in r}
     for attack in attacks:
         if attack in completion:
@@ -226,14 +304,21 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
                                                                   plot_accuracy_vs_ssim)):
             plot(rows, attack, final_round, run_dir / name)
             figures.append(name)
-        plot_grid(examples[attack], attack, run_dir / f"reconstructions_{attack}.png")
-        figures.append(f"reconstructions_{attack}.png")
+        if attack in examples:
+            plot_grid(examples[attack], attack, run_dir / f"reconstructions_{attack}.png")
+            figures.append(f"reconstructions_{attack}.png")
     if set(attacks) - completion:
         plot_over_rounds(rows, run_dir / "leakage_over_rounds.png")
         figures.append("leakage_over_rounds.png")
+    if any(curves.values()):
+        plot_curves(curves, run_dir / "attack_curves.png")
+        figures.append("attack_curves.png")
     lines = ["# Leakage report", "",
              f"Attacks on the features the cloud recorded, scored per client (round {final_round}). "
-             "Per-client rows: `leakage.csv`.", ""]
+             "Per-client rows: `leakage.csv`. `worst-case` is, for every client, its strongest attack "
+             "on each metric (highest SSIM and PSNR, lowest MSE; `worst-case-labels`: highest label "
+             "accuracy), with the attack that reached it in `leakage.csv` (`ssim_attack`, ...): a "
+             "defense is as good as its worst attack.", ""]
     if set(attacks) - completion:
         lines += ["Inversion: the baseline is the attacker's auxiliary mean image (knowing nothing).", "",
                   "| attack | group | accuracy | MSE | PSNR | SSIM | baseline SSIM |",
@@ -254,17 +339,31 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
                 lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | "
                              f"{m['completion_accuracy']:.3f} | {m['scratch_accuracy']:.3f} |")
         lines.append("")
-    lines += ["Attack cost: " + ", ".join(f"{a} {s:.1f} s" for a, s in seconds.items()), ""]
+    winners = [r["ssim_attack"] for r in rows if r["attack"] == WORST and r["round"] == final_round]
+    if winners:
+        counts = ", ".join(f"{a} {winners.count(a)}" for a in dict.fromkeys(winners))
+        lines += [f"Strongest attack by SSIM, clients per attack: {counts}.", ""]
+    lines += ["Attack cost (each attack trains until its validation loss stops improving, "
+              "within its epoch and time caps):", "", *cost_table(seconds, curves), ""]
     lines += [f"![{f}]({f})" for f in figures]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return figures
 
 
 def update_summary(run_dir: Path, means: dict[str, Any], seconds: dict[str, float],
-                   audit: dict[str, dict[str, Any]]) -> None:
+                   audit: dict[str, dict[str, Any]], rows: list[dict[str, Any]] | None = None,
+                   curves: dict[str, list[dict[str, Any]]] | None = None, final_round: int = 0) -> None:
+    """Add the leakage means, the per-client worst case, the CEM audit and the attacks'
+    costs (seconds, and each training phase's curve) to ``summary.json``."""
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
     summary["leakage"] = means
+    summary["worst_case"] = {
+        str(r["partition_id"]): {k: r[k] for k in r if k.split("_")[0] in ("ssim", "mse", "psnr", "completion")}
+        for r in rows or [] if r["round"] == final_round and r["attack"] in (WORST, WORST_LABELS)}
     summary["cem_audit"] = audit
     summary["attack_seconds"] = seconds
+    summary["attack_training"] = {a: [{k: c[k] for k in ("name", "group", "round", "threads", "stopped",
+                                                          "best_epoch", "seconds", "val", "train")}
+                                      for c in fits] for a, fits in (curves or {}).items()}
     path.write_text(json.dumps(summary, indent=2))

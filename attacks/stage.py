@@ -21,6 +21,7 @@ import inspect
 
 from attacks.base import ATTACKS, AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
+from attacks.threads import fastest_threads, torch_threads
 from attacks.view import load_view
 from sim.client import build_client_model
 from sim.data import ImageData, to_tensor
@@ -53,6 +54,8 @@ class Snapshot:
     view: dict[int, dict[str, np.ndarray]]  # per cut: client_ids, group_ids, sample_ids, features
     heads: dict[str, dict[str, np.ndarray]]  # per group name: head + federated defense state
     tails: dict[int, dict[str, np.ndarray]]  # per cut
+    # per group name: the head the round started from (runs saved before it was kept lack it)
+    start_heads: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def load_snapshot(directory: Path, round_: int) -> Snapshot:
@@ -61,7 +64,8 @@ def load_snapshot(directory: Path, round_: int) -> Snapshot:
     as_numpy = lambda state: {k: v.numpy() for k, v in state.items()}  # noqa: E731
     return Snapshot(round_, load_view(str(directory / "view.npz")),
                     {g: as_numpy(s) for g, s in models["heads"].items()},
-                    {int(c): as_numpy(s) for c, s in models["tails"].items()})
+                    {int(c): as_numpy(s) for c, s in models["tails"].items()},
+                    {g: as_numpy(s) for g, s in models.get("start_heads", {}).items()})
 
 
 @dataclass
@@ -69,6 +73,8 @@ class StageResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # per attack, summed over groups
     examples: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # per attack: the training curves of its fits (per group, per phase), for the cost report
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec], data: ImageData,
@@ -92,32 +98,42 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         head, defense = build_client_model(spec, str(group.defense), snapshot.heads[group.name], {})
         tail = build_tail(spec)
         load_numpy_state(tail, snapshot.tails[cut])
+        start = snapshot.start_heads.get(group.name)
+        start_head = build_client_model(spec, str(group.defense), start, {})[0] if start else None
         knowledge = Knowledge.from_models(level, head, tail, str(group.defense), spec, data.mean,
-                                          data.std, defense=defense)
+                                          data.std, defense=defense, start_head=start_head)
         mine = (rows["group_ids"] == g) & ~rows["failed"]
         knowledge.observed = torch.from_numpy(rows["features"][mine])
         clients = sorted(set(rows["client_ids"][mine].tolist()))
+        attacked = {pid: _client_features(rows, pid, samples, seed) for pid in clients}
         for attack_spec in attacks:
             attack = build_attack(attack_spec, **on_device(attack_spec, device))
             progress(f"round {snapshot.round}: {attack.name} on group {group.name} "
                      f"({len(clients)} clients)")
+            threads = fastest_threads(spec.feature_shape, spec.in_shape, device=device)
             torch.manual_seed(seed)
             t0 = time.perf_counter()
-            attack.fit(knowledge, aux01, aux_labels)
-            for pid in clients:
-                ids, feats = _client_features(rows, pid, samples, seed)
-                out = attack.run(torch.from_numpy(feats))
-                row = {"round": snapshot.round, "partition_id": pid, "group": group.name,
-                       "defense": str(group.defense), "attack": attack.name, "attacked": len(ids)}
-                if attack.kind == "completion":
-                    row["completion_accuracy"] = scorer.label_accuracy(ids, out)
-                    row["scratch_accuracy"] = scorer.classifier_accuracy(ids, attack.scratch)
-                else:
-                    scores, base = scorer.score(ids, out), scorer.baseline(aux01, ids)
-                    row |= {m: scores[m] for m in METRICS} | {f"baseline_{m}": base[m] for m in METRICS}
-                    result.examples.setdefault(attack.name, {}).setdefault(
-                        pid, (scorer.true_images(ids[:8]), out[:8]))
-                result.rows.append(row)
+            with torch_threads(threads):
+                attack.fit(knowledge, aux01, aux_labels)
+                curves = list(getattr(attack, "curves", []))
+                result.curves.setdefault(attack.name, []).extend(
+                    {"group": group.name, "round": snapshot.round, "threads": threads, **vars(c)} for c in curves)
+                fitted = {"fit_epochs": sum(c.epochs for c in curves),
+                          "fit_stopped": ",".join(c.stopped for c in curves)} if curves else {}
+                for pid, (ids, feats) in attacked.items():
+                    out = attack.run(torch.from_numpy(feats))
+                    row = {"round": snapshot.round, "partition_id": pid, "group": group.name,
+                           "defense": str(group.defense), "attack": attack.name, "attacked": len(ids),
+                           **fitted}
+                    if attack.kind == "completion":
+                        row["completion_accuracy"] = scorer.label_accuracy(ids, out)
+                        row["scratch_accuracy"] = scorer.classifier_accuracy(ids, attack.scratch)
+                    else:
+                        scores, base = scorer.score(ids, out), scorer.baseline(aux01, ids)
+                        row |= {m: scores[m] for m in METRICS} | {f"baseline_{m}": base[m] for m in METRICS}
+                        result.examples.setdefault(attack.name, {}).setdefault(
+                            pid, (scorer.true_images(ids[:8]), out[:8]))
+                    result.rows.append(row)
             result.seconds[attack.name] = result.seconds.get(attack.name, 0.0) + time.perf_counter() - t0
     return result
 

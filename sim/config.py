@@ -106,7 +106,7 @@ class SimConfig:
     round_timeout: float | None = None
     client_failure_rate: float = 0.0
     train_subset: int | None = None
-    attacks: str = "decoder(epochs=5, width=32, blocks=2, batch_size=64)"
+    attacks: str = "decoder"
     attacker_knowledge: str = "whitebox"
     attack_every: int = 0
     attack_samples: int = 64

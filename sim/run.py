@@ -386,27 +386,30 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]["round"]
     dirs = {int(d.name[1:]): d for d in sorted((run_dir / "rounds").glob("r*"))} | {final: run_dir}
-    rows, examples, seconds = [], {}, {}
+    rows, examples, seconds, curves = [], {}, {}, {}
     for round_, directory in sorted(dirs.items()):
         result = run_stage(load_snapshot(directory, round_), cfg.resolved_groups(), prep.specs, prep.data,
                            prep.aux_idx, parse_attacks(cfg.attacks), cfg.attacker_knowledge,
                            cfg.attack_samples, cfg.seed, progress=lambda text: console.print(f"attack: {text}"),
                            device=prep.device)
         stats = report.client_stats(prep.data.train_y, prep.partitions, records, round_)
-        rows += report.join(result.rows, {round_: stats})
+        joined = report.join(result.rows, {round_: stats})
+        rows += joined + report.worst_case(joined)
         for name, s in result.seconds.items():
             seconds[name] = seconds.get(name, 0.0) + s
+        for name, fits in result.curves.items():
+            curves.setdefault(name, []).extend(fits)
         if round_ == final:
             examples = result.examples
     report.write_csv(rows, run_dir / "leakage.csv")
     means = report.group_means(rows, final)
-    report.write_report(run_dir, rows, examples, means, seconds, final)
-    report.update_summary(run_dir, means, seconds, report.cem_audit(rows, final))
-    for name, groups in means.items():
+    report.write_report(run_dir, rows, examples, means, seconds, final, curves)
+    report.update_summary(run_dir, means, seconds, report.cem_audit(rows, final), rows, curves, final)
+    for name, groups in sorted(means.items(), key=lambda item: item[0] not in (report.WORST, report.WORST_LABELS)):
         console.print(f"leakage {name}: " + ", ".join(
             f"{g} SSIM {m['ssim']:.3f} (baseline {m['baseline_ssim']:.3f})" if "ssim" in m else
             f"{g} label accuracy {m['completion_accuracy']:.3f} (from scratch {m['scratch_accuracy']:.3f})"
-            for g, m in groups.items()) + f"  [{seconds[name]:.0f} s]")
+            for g, m in groups.items()) + (f"  [{seconds[name]:.0f} s]" if name in seconds else ""))
 
 
 def export_view(run_dir: Path, target: str) -> None:

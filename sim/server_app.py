@@ -225,6 +225,9 @@ class Federation:
                 "min_train_nodes": 1, "min_available_nodes": len(self.members[i]),
             }) for i, g in enumerate(self.groups)]
         self.heads = [to_record(h) for h in plan.init_heads]
+        # the heads the latest round started from: a white-box cloud sent them to the clients,
+        # and the features it recorded early in that round come from them
+        self.start_heads = list(self.heads)
         self.client_states: dict[int, dict[str, np.ndarray]] = {}  # per partition id
         self.records: list[dict[str, Any]] = []
         self.plan.outcome["rounds"] = self.records
@@ -258,6 +261,7 @@ class Federation:
         checkpoint.save(self.plan.run_dir, checkpoint.encode({
             "round": r,
             "heads": [from_record(h) for h in self.heads],
+            "start_heads": [from_record(h) for h in self.start_heads],
             "strategies": [strategy_state(s) for s in self.strategies],
             "client_states": self.client_states,
             "cloud": ray.get(self.cloud.state.remote()),
@@ -268,6 +272,7 @@ class Federation:
     def _restore(self, state: dict[str, Any]) -> None:
         """Put a checkpoint's state back: server side here, the cloud's in the cloud actor."""
         self.heads = [to_record(h) for h in checkpoint.decode(state["heads"])]
+        self.start_heads = [to_record(h) for h in checkpoint.decode(state.get("start_heads", state["heads"]))]
         for strategy, saved in zip(self.strategies, checkpoint.decode(state["strategies"])):
             load_strategy_state(strategy, saved)
         self.client_states = {int(p): s for p, s in checkpoint.decode(state["client_states"]).items()}
@@ -337,6 +342,7 @@ class Federation:
             if own is not None:
                 self.client_states[p] = from_record(own)
         clients, strategy_metrics = [], {}
+        self.start_heads = list(self.heads)
         for g, strategy in enumerate(self.strategies):
             group_replies = [by_pid[p] for p in ok if p in self.members[g]]
             if group_replies:
@@ -379,9 +385,10 @@ class Federation:
         directory.mkdir(parents=True, exist_ok=True)
         ray.get(self.cloud.view.remote()).save(str(directory / "view.npz"))
         tails = ray.get(self.cloud.all_tail_states.remote())
+        as_tensors = lambda record: {k: torch.tensor(v) for k, v in from_record(record).items()}  # noqa: E731
         torch.save({
-            "heads": {g.name: {k: torch.tensor(v) for k, v in from_record(self.heads[i]).items()}
-                      for i, g in enumerate(self.groups)},
+            "heads": {g.name: as_tensors(self.heads[i]) for i, g in enumerate(self.groups)},
+            "start_heads": {g.name: as_tensors(self.start_heads[i]) for i, g in enumerate(self.groups)},
             "tails": {int(cut): {k: torch.tensor(v) for k, v in s.items()} for cut, s in tails.items()},
         }, directory / "model.pt")
 

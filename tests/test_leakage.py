@@ -33,10 +33,25 @@ def rows(run_dir):
 def test_a_row_for_every_client_attack_and_round(attacked_run):
     run_dir, _ = attacked_run
     got = {(int(r["round"]), int(r["partition_id"]), r["attack"]) for r in rows(run_dir)}
-    assert got == {(rd, p, a) for rd in (1, 2) for p in range(4) for a in ("decoder", "rmle")}
+    assert got == {(rd, p, a) for rd in (1, 2) for p in range(4) for a in ("decoder", "rmle", "worst-case")}
     for r in rows(run_dir):
         assert int(r["attacked"]) == 24 and 0 < float(r["accuracy"]) <= 1
         assert int(r["num_classes"]) >= 1 and int(r["num_examples"]) > 0
+
+
+def test_worst_case_is_each_clients_strongest_attack(attacked_run):
+    run_dir, _ = attacked_run
+    table = rows(run_dir)
+    for r in (r for r in table if r["attack"] == "worst-case"):
+        mine = {a["attack"]: a for a in table if a["attack"] in ("decoder", "rmle")
+                and (a["round"], a["partition_id"]) == (r["round"], r["partition_id"])}
+        assert float(r["ssim"]) == max(float(a["ssim"]) for a in mine.values())
+        assert float(r["mse"]) == min(float(a["mse"]) for a in mine.values())
+        assert float(mine[r["ssim_attack"]]["ssim"]) == float(r["ssim"])
+        assert float(mine[r["mse_attack"]]["mse"]) == float(r["mse"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["worst_case"]) == {str(p) for p in range(4)}
+    assert summary["leakage"]["worst-case"]["all"]["ssim"] >= summary["leakage"]["decoder"]["all"]["ssim"]
 
 
 def test_attacks_beat_knowing_nothing(attacked_run):
@@ -52,6 +67,8 @@ def test_report_figures_and_summary(attacked_run):
     run_dir, _ = attacked_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["attack_seconds"]) == {"decoder", "rmle"}
+    (fit,) = summary["attack_training"]["decoder"][-1:]
+    assert fit["stopped"] in ("converged", "epoch cap", "time cap") and 1 <= len(fit["val"]) <= 3
     assert summary["leakage"]["decoder"]["all"]["ssim"] > 0
     report = (run_dir / "report.md").read_text()
     figures = [line[line.index("(") + 1:-1] for line in report.splitlines() if line.startswith("![")]

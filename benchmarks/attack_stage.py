@@ -1,0 +1,134 @@
+"""The attack stage against the same decoder attack fitted directly, in one process.
+
+For each run, the simulation is run in this process first (Flower and Ray started and shut
+down here, as ``python -m sim.run`` does), then the run's attack stage is timed as the CLI
+runs it (``sim.run.attack_stage``: snapshot loading, knowledge, thread choice, fit, every
+client's reconstructions, scoring, report), then the same decoder is fitted directly: the
+saved aggregated and starting heads, ``attacks.decoder.train_decoder`` with the same budget on
+the same auxiliary images, every client's recorded features decoded and scored. The direct fit
+gets the whole machine: it runs with one torch thread and with every core, and the faster
+counts. The printed ratio is the stage's seconds over the direct fit's.
+
+    python -m benchmarks.attack_stage                 # the two runs of the table below
+    python -m benchmarks.attack_stage --runs small    # only the 10-client undefended run
+
+Measured on the 2-core machine (see the closing table in docs/results-attack-stage.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.decoder import decode, train_decoder
+from attacks.models import build_decoder
+from attacks.scoring import Scorer
+from attacks.base import build_attack
+from attacks.stage import load_snapshot, parse_attacks
+from attacks.threads import available_cores, torch_threads
+from sim.client import build_client_model
+from sim.config import load_config
+from sim.data import to_tensor
+from sim.models import normalise
+from sim.run import Prepared, attack_stage, make_run_dir, prepare, simulate, write_summary
+
+RUNS = {  # the issue's run, and the README demo
+    "small": {"clients": 10, "rounds": 1, "train_subset": 5000, "defense": "none", "attacks": "decoder"},
+    "demo": {"clients": 50, "defense": "cem", "attacks": "decoder"},
+}
+
+
+class _Quiet:
+    def print(self, *_: Any) -> None:
+        pass
+
+
+def train(settings: dict[str, Any], out: Path) -> tuple[Path, Prepared]:
+    """Run the simulation in this process (Flower and Ray included) and return its folder."""
+    from sim.progress import Reporter
+
+    cfg = load_config(None, {**settings, "out": str(out)})
+    prep = prepare(cfg)
+    run_dir = make_run_dir(cfg)
+    reporter = Reporter()
+    reporter.start(cfg.rounds, cfg.clients, f"{cfg.dataset} {cfg.defense}")
+    outcome = simulate(prep, run_dir, reporter)
+    if "error" in outcome:
+        raise SystemExit(f"the simulation failed: {outcome['error']}")
+    write_summary(run_dir, cfg, outcome)
+    return run_dir, prep
+
+
+def direct_fit(run_dir: Path, prep: Prepared) -> float:
+    """The decoder of the run's attack spec, fitted and applied with no simulator code between."""
+    cfg = prep.config
+    spec_text = next(a for a in parse_attacks(cfg.attacks) if a.startswith("decoder"))
+    attack = build_attack(spec_text)  # only for its parameters
+    group = cfg.resolved_groups()[0]
+    spec = prep.specs[int(group.cut)]
+    snapshot = load_snapshot(run_dir, cfg.rounds)
+    data = prep.data
+    heads = [build_client_model(spec, str(group.defense), state, {})
+             for state in (snapshot.heads[group.name], snapshot.start_heads.get(group.name))
+             if state is not None]
+
+    def oracle(head: torch.nn.Module, defense: torch.nn.Module):
+        head.eval()
+        defense.eval()
+
+        @torch.no_grad()
+        def query(x01: torch.Tensor) -> torch.Tensor:
+            return defense(head(normalise(x01, data.mean, data.std)))
+        return query
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    aux01 = to_tensor(data.test_x[prep.aux_idx])
+    decoder = build_decoder(spec.feature_shape, spec.in_shape, attack.width, attack.blocks)
+    oracles = [oracle(h, d) for h, d in heads]
+    train_decoder(decoder, oracles if attack.heads == "both" else oracles[:1], aux01,
+                  budget=attack.budget, batch_size=attack.batch_size, lr=attack.lr,
+                  weight_decay=attack.weight_decay)
+    rows = snapshot.view[int(group.cut)]
+    scorer = Scorer(data.train_x)
+    rng = np.random.default_rng(cfg.seed)
+    for pid in np.unique(rows["client_ids"]):
+        mine = np.flatnonzero(rows["client_ids"] == pid)
+        mine = np.sort(rng.choice(mine, min(len(mine), cfg.attack_samples), replace=False))
+        scorer.score(rows["sample_ids"][mine], decode(decoder, torch.from_numpy(rows["features"][mine])))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=sorted(RUNS, reverse=True))
+    parser.add_argument("--out", default="runs/bench-attack-stage")
+    args = parser.parse_args()
+    lines = []
+    for name in args.runs:
+        run_dir, prep = train(RUNS[name], Path(args.out))
+        t0 = time.perf_counter()
+        attack_stage(run_dir, prep, _Quiet())
+        stage = time.perf_counter() - t0
+        direct = {}
+        for n in sorted({1, available_cores()}):
+            with torch_threads(n):
+                direct[n] = direct_fit(run_dir, prep)
+        best = min(direct.values())
+        line = (f"| {name} | {stage:.1f} | " + " | ".join(f"{direct.get(n, float('nan')):.1f}"
+                                                          for n in (1, available_cores()))
+                + f" | {stage / best:.2f}x |")
+        print(line, flush=True)
+        lines.append(line)
+    print(f"\n| run | stage s | direct s (1 thread) | direct s ({available_cores()} threads) | ratio |")
+    print("|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
