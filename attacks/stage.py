@@ -19,7 +19,7 @@ import torch
 
 import inspect
 
-from attacks.base import ATTACKS, AttackError, Knowledge, build_attack
+from attacks.base import ATTACKS, Attack, AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
 from attacks.threads import fastest_threads, torch_threads
 from attacks.view import load_view
@@ -79,11 +79,13 @@ class StageResult:
 
 def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec], data: ImageData,
               aux_idx: np.ndarray, attacks: list[str], level: str, samples: int,
-              seed: int, progress: Callable[[str], None] = lambda _: None, device: str = "cpu") -> StageResult:
+              seed: int, progress: Callable[[str], None] = lambda _: None, device: str = "cpu",
+              make_attack: Callable[[str], Attack] | None = None) -> StageResult:
     """Attack every client of the snapshot with every attack; one row per (client, attack).
 
     ``samples`` bounds the features attacked per client (optimisation attacks cost per
-    feature); the choice is seeded, so reruns attack the same features.
+    feature); the choice is seeded, so reruns attack the same features. ``make_attack``
+    builds an attack from its spec (default: :func:`~attacks.base.build_attack`).
     """
     result = StageResult()
     aux01 = to_tensor(data.test_x[aux_idx])
@@ -107,7 +109,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         clients = sorted(set(rows["client_ids"][mine].tolist()))
         attacked = {pid: _client_features(rows, pid, samples, seed) for pid in clients}
         for attack_spec in attacks:
-            attack = build_attack(attack_spec, **on_device(attack_spec, device))
+            attack = (make_attack or build_attack)(attack_spec, **on_device(attack_spec, device))
             progress(f"round {snapshot.round}: {attack.name} on group {group.name} "
                      f"({len(clients)} clients)")
             threads = fastest_threads(spec.feature_shape, spec.in_shape, device=device)

@@ -413,14 +413,14 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
 
 
 def export_view(run_dir: Path, target: str) -> None:
-    """Copy what the cloud saw (view) and the aggregated heads to a user-chosen place."""
-    import torch as _torch
-
+    """Copy what the cloud saw (view), the aggregated heads (``FILE.pt``) and the heads the last
+    round started from (``FILE.start.pt``; a white-box cloud holds both) to a chosen place."""
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "view.npz", path)
-    heads = _torch.load(run_dir / "model.pt", weights_only=True)["heads"]
-    _torch.save(heads, path.with_suffix(".pt"))
+    models = torch.load(run_dir / "model.pt", weights_only=True)
+    torch.save(models["heads"], path.with_suffix(".pt"))
+    torch.save(models["start_heads"], path.with_suffix(".start.pt"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,9 @@ def test_exported_view_reloads_with_the_datasets_sample_ids(attacked_run):
     run_dir, export = attacked_run
     view = load_view(str(export))[4]
     heads = torch.load(export.with_suffix(".pt"), weights_only=True)
-    assert set(heads) == {"all"}
+    start = torch.load(export.with_suffix(".start.pt"), weights_only=True)
+    assert set(heads) == set(start) == {"all"}
+    assert any(not torch.equal(heads["all"][k], start["all"][k]) for k in heads["all"])
     prep = prepared(run_dir)
     for pid in range(4):
         ids = view["sample_ids"][view["client_ids"] == pid]
