@@ -27,12 +27,31 @@ from attacks.training import Budget, Curve, fit_until_converged, split_validatio
 Oracle = Callable[[torch.Tensor], torch.Tensor]
 
 
+def reconstruction_loss(recon01: torch.Tensor, x01: torch.Tensor, ssim_weight: float) -> torch.Tensor:
+    """MSE plus ``ssim_weight * (1 - SSIM)``, SSIM as the scorer computes it (11x11 Gaussian).
+
+    MSE alone averages over what the features leave uncertain and blurs; the SSIM term asks
+    for the structure the scorer (and a person) looks at. Measured on the README demo's view
+    (4 epochs, the same decoder): MSE alone SSIM 0.511 / MSE 0.0173; with weight 0.05 SSIM
+    0.704 / MSE 0.0167, better on both.
+    """
+    loss = F.mse_loss(recon01, x01)
+    if ssim_weight > 0:
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        loss = loss + ssim_weight * (1 - ssim(recon01, x01, gaussian_kernel=True, sigma=1.5,
+                                              kernel_size=11, data_range=1.0))
+    return loss
+
+
 def train_decoder(decoder: nn.Module, features_of: Oracle | Sequence[Oracle], aux01: torch.Tensor,
                   *, budget: Budget, batch_size: int = 64, lr: float = 1e-3,
-                  weight_decay: float = 1e-4, device: str | torch.device = "cpu", seed: int = 0,
+                  weight_decay: float = 1e-4, ssim_weight: float = 0.05,
+                  device: str | torch.device = "cpu", seed: int = 0,
                   name: str = "decoder") -> Curve:
-    """Fit ``decoder`` to map ``features_of(x)`` back to ``x`` until the validation MSE stops
-    improving; returns the training :class:`~attacks.training.Curve`.
+    """Fit ``decoder`` to map ``features_of(x)`` back to ``x`` until the validation loss
+    (:func:`reconstruction_loss`) stops improving; returns the training
+    :class:`~attacks.training.Curve`.
 
     ``features_of`` (the query oracle) is called on every batch, so a stochastic defense draws
     fresh noise for every pair in every epoch. Several oracles (e.g. the heads a white-box
@@ -58,7 +77,7 @@ def train_decoder(decoder: nn.Module, features_of: Oracle | Sequence[Oracle], au
             parts = torch.arange(len(x_cpu)) % len(oracles)
             z = torch.cat([oracles[k](x_cpu[parts == k]).detach() for k in range(len(oracles))])
             x = torch.cat([x_cpu[parts == k] for k in range(len(oracles))]).to(device)
-            loss = F.mse_loss(decoder(z.to(device)), x)
+            loss = reconstruction_loss(decoder(z.to(device)), x, ssim_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -66,8 +85,8 @@ def train_decoder(decoder: nn.Module, features_of: Oracle | Sequence[Oracle], au
         return total / len(order)
 
     def validate() -> float:
-        return sum(float(F.mse_loss(decode(decoder, z, device=device).to(device), val_x))
-                   for z in val_z) / len(val_z)
+        return sum(float(reconstruction_loss(decode(decoder, z, device=device).to(device), val_x,
+                                             ssim_weight)) for z in val_z) / len(val_z)
 
     return fit_until_converged([decoder], [optimizer], epoch, validate, budget, name)
 
@@ -92,6 +111,8 @@ class DecoderAttack(Attack):
             is cut by 0.3 after each epoch without one).
         max_seconds: the time cap of the training.
         batch_size, lr, weight_decay, min_lr: Adam (CEM: lr 1e-3, weight decay 1e-4).
+        ssim_weight: weight of the SSIM term in the loss (:func:`reconstruction_loss`; CEM
+            trains on MSE alone, which is ``ssim_weight=0``).
         width, blocks: the decoder's channels and residual blocks (CEM: 64 and 8).
         heads: which of the white-box cloud's heads of the attacked round it inverts: "end"
             (the aggregated head), "start" (the head the round started from) or "both".
@@ -103,17 +124,20 @@ class DecoderAttack(Attack):
 
     def __init__(self, epochs: int = 100, patience: int = 4, max_seconds: float = 1200.0,
                  batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 min_lr: float = 1e-5, width: int = 32, blocks: int = 2, heads: str = "both",
-                 device: str = "cpu") -> None:
+                 min_lr: float = 1e-5, ssim_weight: float = 0.05, width: int = 32, blocks: int = 2,
+                 heads: str = "both", device: str = "cpu") -> None:
         super().__init__()
         if epochs < 1 or batch_size < 1 or lr <= 0:
             raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, "
                              f"{batch_size}, {lr}")
+        if ssim_weight < 0:
+            raise ValueError(f"ssim_weight must be >= 0, got {ssim_weight}")
         if heads not in HEAD_CHOICES:
             raise ValueError(f"heads must be one of {', '.join(HEAD_CHOICES)}, got '{heads}'")
         self.budget = Budget(max_epochs=epochs, patience=patience, max_seconds=max_seconds,
                              min_lr=min_lr)
         self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
+        self.ssim_weight = ssim_weight
         self.width, self.blocks, self.heads, self.device = width, blocks, heads, device
         self.decoder: nn.Module | None = None
         self.curves: list[Curve] = []
@@ -125,7 +149,7 @@ class DecoderAttack(Attack):
         self.curves = [train_decoder(
             self.decoder, knowledge.oracles(self.heads), aux01, budget=self.budget,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            device=self.device, name=self.name)]
+            ssim_weight=self.ssim_weight, device=self.device, name=self.name)]
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
         return decode(self.decoder, features, device=self.device)

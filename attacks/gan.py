@@ -101,7 +101,7 @@ class GanAttack(DecoderAttack):
     """The decoder attack, then CEM's WGAN-GP refinement of the decoder as the generator.
 
     Parameters:
-        epochs, patience, max_seconds, batch_size, lr, weight_decay, min_lr, width, blocks,
+        epochs, patience, max_seconds, batch_size, lr, weight_decay, min_lr, ssim_weight, width, blocks,
             heads, device: the decoder's (see ``decoder``), trained to convergence first.
         gan_epochs: WGAN-GP epochs over the auxiliary data (CEM: 150).
         gan_batch_size: batch of the GAN phase (CEM: 128).
@@ -116,13 +116,13 @@ class GanAttack(DecoderAttack):
 
     def __init__(self, epochs: int = 100, patience: int = 4, max_seconds: float = 1200.0,
                  batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 min_lr: float = 1e-5, width: int = 32, blocks: int = 2, heads: str = "both",
-                 device: str = "cpu", gan_epochs: int = 2, gan_batch_size: int = 128,
+                 min_lr: float = 1e-5, ssim_weight: float = 0.05, width: int = 32, blocks: int = 2,
+                 heads: str = "both", device: str = "cpu", gan_epochs: int = 2, gan_batch_size: int = 128,
                  n_critic: int = 10, gp: float = 10.0, mse_weight: float = 1500.0,
                  lr_g: float = 5e-4, lr_d: float = 5e-3, critic_width: int = 32) -> None:
         super().__init__(epochs=epochs, patience=patience, max_seconds=max_seconds,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, min_lr=min_lr,
-                         width=width, blocks=blocks, heads=heads, device=device)
+                         ssim_weight=ssim_weight, width=width, blocks=blocks, heads=heads, device=device)
         if gan_epochs < 1 or gan_batch_size < 1 or n_critic < 1:
             raise ValueError(f"need gan_epochs, gan_batch_size, n_critic >= 1; got {gan_epochs}, "
                              f"{gan_batch_size}, {n_critic}")
