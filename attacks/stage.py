@@ -22,7 +22,7 @@ import inspect
 from attacks.base import ATTACKS, AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
 from attacks.view import load_view
-from sim.client import build_client_model
+from sim.client import build_client_last, build_client_model
 from sim.data import ImageData, to_tensor
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.spec import parse_call, split_top_level
@@ -93,9 +93,12 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         tail = build_tail(spec)
         load_numpy_state(tail, snapshot.tails[cut])
         knowledge = Knowledge.from_models(level, head, tail, str(group.defense), spec, data.mean,
-                                          data.std, defense=defense)
+                                          data.std, defense=defense,
+                                          last=build_client_last(spec, snapshot.heads[group.name]))
         mine = (rows["group_ids"] == g) & ~rows["failed"]
         knowledge.observed = torch.from_numpy(rows["features"][mine])
+        if "grads" in rows:
+            knowledge.observed_grads = torch.from_numpy(rows["grads"][mine])
         clients = sorted(set(rows["client_ids"][mine].tolist()))
         for attack_spec in attacks:
             attack = build_attack(attack_spec, **on_device(attack_spec, device))
@@ -105,8 +108,8 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
             t0 = time.perf_counter()
             attack.fit(knowledge, aux01, aux_labels)
             for pid in clients:
-                ids, feats = _client_features(rows, pid, samples, seed)
-                out = attack.run(torch.from_numpy(feats))
+                ids, feats, grads = _client_features(rows, pid, samples, seed)
+                out = attack.run(torch.from_numpy(feats), None if grads is None else torch.from_numpy(grads))
                 row = {"round": snapshot.round, "partition_id": pid, "group": group.name,
                        "defense": str(group.defense), "attack": attack.name, "attacked": len(ids)}
                 if attack.kind == "completion":
@@ -131,8 +134,10 @@ def on_device(attack_spec: str, device: str) -> dict[str, str]:
 
 
 def _client_features(rows: dict[str, np.ndarray], pid: int, samples: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A client's attacked rows: sample ids, features and, where recorded, dL/dh (else None)."""
     mine = np.flatnonzero((rows["client_ids"] == pid) & ~rows["failed"])  # a failed round's are marked
     if len(mine) > samples:
         mine = np.sort(np.random.default_rng([seed, pid]).choice(mine, samples, replace=False))
-    return rows["sample_ids"][mine], rows["features"][mine]
+    grads = rows["grads"][mine] if "grads" in rows else None
+    return rows["sample_ids"][mine], rows["features"][mine], grads
