@@ -17,8 +17,11 @@ Only what is sent changes: the client's last layer trains on its exact loss; the
 and, through the returned dL/dz, the head train on the noisy gradient. Noise that is isotropic
 in h's d dimensions falls mostly outside the C-dimensional span of W (d = 256, C = 10 for the
 small model), which a least-squares solve projects away: only about sqrt(C / d) of its norm
-competes with the signal, so hiding labels needs sigma well above 1 (measured in
-tests/test_gradlabel.py).
+competes with the signal, so hiding labels needs sigma well above 1. Measured in
+tests/test_gradlabel.py (10 clients, 1 round, Fashion-MNIST): white-box label accuracy 1.000
+undefended, 0.997 at sigma 3, 0.908 at 5, 0.503 at 10, while the global accuracy falls from
+0.52 to 0.38, 0.15 and 0.11: at this scale it hides labels only by stopping the model
+learning. It is a baseline to measure attacks against, not a recommended setting.
 """
 
 from __future__ import annotations
