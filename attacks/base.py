@@ -176,6 +176,8 @@ class Attack:
     that an attack the cloud is not entitled to fails at once with a clear message; ``run``
     checks the features' shape against the one fitted on and returns, in the same order,
     [0, 1] images (``kind = "inversion"``) or int64 class labels (``kind = "completion"``).
+    An attack that sets ``uses_gradients`` implements ``_run(features, gradients)`` instead:
+    the U-shaped dL/dh rows recorded with the features, which the stage then passes.
     """
 
     name: ClassVar[str] = ""

@@ -81,7 +81,8 @@ class GradientLabelInference(Attack):
     Parameters:
         mode: ``"whitebox"`` (the client's aggregated last layer, knowledge ``"whitebox"``),
             ``"cluster"`` (clustered gradients named with the auxiliary data, knowledge
-            ``"query"``), or ``"auto"``: white-box when the knowledge allows it.
+            ``"query"``), or ``"auto"``: white-box when the knowledge allows it. Strings are
+            quoted in specs: ``gradlabel(mode='cluster')``.
         probe_steps: full-batch Adam steps of the probe's softmax regression.
         probe_samples: labelled auxiliary images the probe is fitted on.
         restarts: k-means runs (different seeds); the one with the tightest clusters is kept.
