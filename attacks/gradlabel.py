@@ -46,8 +46,9 @@ The stage's "from scratch" reference (``scratch``) for this attack is the majori
 the auxiliary labels for every sample: what the cloud guesses with no gradient at all.
 
 Defenses measured against it (tests/test_gradlabel.py): ``gradnoise`` (noise on dL/dh, what
-is sent) and InfoScissors' ``lam_y`` (an extra term inside dL/dh); a defense that changes z
-only (noise, dropout, ...) does not change dL/dh's label signal.
+is sent) and InfoScissors' ``lam_y`` (an extra term inside dL/dh). Defenses that change z only
+(noise, dropout, ...) leave the form W^T (p - onehot(y)) / B of dL/dh as it is, so they are not
+expected to hide labels from this attack (not measured).
 """
 
 from __future__ import annotations
