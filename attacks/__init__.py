@@ -1,6 +1,7 @@
 """The adversary: what the curious cloud records, and the attacks it runs on it."""
 
 from attacks import completion, decoder, gan, ka, rmle  # noqa: F401,E402  (register the attacks)
+from attacks import gradlabel  # noqa: F401,E402  (registers "gradlabel")
 from attacks.base import (  # noqa: E402
     ATTACKS,
     LEVELS,

@@ -8,7 +8,8 @@ attack cannot peek at what it is trying to reconstruct (breaching's ``base_attac
 Knowledge comes in three levels, ordered by what the cloud can do with the client's head:
 
 * ``"whitebox"``: the group's aggregated head weights (in SplitFed the server aggregates heads,
-  so it has them) and query access;
+  so it has them; in the U-shaped split also the client's last layer, federated with the head)
+  and query access;
 * ``"query"``: black-box access only, ``query(x01) -> z``: the head and the client's defense
   forward (fresh noise on every call), as when the cloud can have its own images processed;
 * ``"none"``: only what the cloud owns: its tail, the public defense spec and the dataset's
@@ -53,7 +54,8 @@ def _level_rank(level: str) -> int:
 class Knowledge:
     """What the cloud knows when it attacks one group's features.
 
-    ``head`` is set only at level ``"whitebox"``, ``query`` at ``"whitebox"`` and ``"query"``;
+    ``head`` (and ``last``, U-shaped) is set only at level ``"whitebox"``, ``query`` at
+    ``"whitebox"`` and ``"query"``;
     everything else is the cloud's own or public. ``split`` (the SplitSpec) is public: the
     architecture is part of the protocol, which is what lets KA build a surrogate head.
     """
@@ -77,6 +79,10 @@ class Knowledge:
     # Every feature the cloud recorded of this group's clients (pooled, no sample ids): what a
     # distribution-matching attacker (SDAR, FORA) aligns its substitute head to.
     observed: torch.Tensor | None = None
+    # U-shaped: the dL/dh rows recorded with ``observed`` (row-aligned), for gradient attacks
+    observed_grads: torch.Tensor | None = None
+    # whitebox, U-shaped only: the client's aggregated last layer h -> logits (eval mode, a copy)
+    last: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if self.defense is None:  # the public spec is always known
@@ -84,8 +90,8 @@ class Knowledge:
             self.defense.bind(self.feature_shape, self.image_shape)
             self.defense.eval()
         rank = _level_rank(self.level)
-        if self.head is not None and rank < _level_rank("whitebox"):
-            raise AttackError(f"knowledge level '{self.level}' must not carry the head's weights")
+        if (self.head is not None or self.last is not None) and rank < _level_rank("whitebox"):
+            raise AttackError(f"knowledge level '{self.level}' must not carry the client's weights")
         if self.query is not None and rank < _level_rank("query"):
             raise AttackError(f"knowledge level '{self.level}' must not carry query access")
         if self.start_query is not None and rank < _level_rank("whitebox"):
@@ -121,7 +127,7 @@ class Knowledge:
     def from_models(cls, level: str, head: nn.Module | None, tail: nn.Module | None,
                     defense_spec: str, spec: SplitSpec, mean: tuple[float, ...],
                     std: tuple[float, ...], defense: nn.Module | None = None,
-                    start_head: nn.Module | None = None) -> Knowledge:
+                    start_head: nn.Module | None = None, last: nn.Module | None = None) -> Knowledge:
         """Build the knowledge of ``level`` from the group's models, dropping what it forbids.
 
         The query oracle holds private eval-mode copies of ``head`` and of the defense (built
@@ -130,7 +136,7 @@ class Knowledge:
         one fresh pass, noise included. Copies keep an attack from changing the simulator's
         models (BatchNorm statistics, ``requires_grad``). The oracle is a closure over the
         head, so the level is a threat-model convention that attacks honour (``needs``), not
-        a sandbox.
+        a sandbox. ``last`` (the U-shaped client's last layer) is kept only at ``"whitebox"``.
         """
         rank = _level_rank(level)
         # A defense's trained parameters (MID's layers) travel with the head: only a
@@ -156,7 +162,8 @@ class Knowledge:
                    defense_spec=defense_spec, defense_public=public, mean=tuple(mean),
                    std=tuple(std), split=spec,
                    head=head_copy if rank >= _level_rank("whitebox") else None, query=query,
-                   start_query=start_query, defense=defense_mod)
+                   start_query=start_query, defense=defense_mod,
+                   last=_frozen_copy(last) if last is not None and rank >= _level_rank("whitebox") else None)
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -194,6 +201,8 @@ class Attack:
     that an attack the cloud is not entitled to fails at once with a clear message; ``run``
     checks the features' shape against the one fitted on and returns, in the same order,
     [0, 1] images (``kind = "inversion"``) or int64 class labels (``kind = "completion"``).
+    An attack that sets ``uses_gradients`` implements ``_run(features, gradients)`` instead:
+    the U-shaped dL/dh rows recorded with the features, which the stage then passes.
     """
 
     name: ClassVar[str] = ""
@@ -201,6 +210,8 @@ class Attack:
     kind: ClassVar[str] = "inversion"  # or "completion": recovers labels, not images
     splits: ClassVar[tuple[str, ...]] = SPLITS  # the splits (sim.models.SPLITS) it works on
     adversary: ClassVar[str] = "passive"  # "active": needs a cloud that trained maliciously
+    # True: ``run`` also takes the dL/dh rows the cloud recorded with the features (U-shaped)
+    uses_gradients: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.knowledge: Knowledge | None = None
@@ -228,19 +239,29 @@ class Attack:
         self.knowledge = knowledge
         self._fit(knowledge, aux, aux_labels)
 
-    def run(self, features: torch.Tensor) -> torch.Tensor:
+    def run(self, features: torch.Tensor, gradients: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct images in [0, 1], shape (B, C, H, W), or predict labels (B,) for
-        completion attacks, from features (B, *feature_shape)."""
+        completion attacks, from features (B, *feature_shape); attacks that declare
+        ``uses_gradients`` also get the recorded dL/dh rows of the same samples (B, ...)."""
         if self.knowledge is None:
             raise AttackError(f"attack '{self.name}': call fit() before run()")
-        z = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
-        z = z.to(torch.float32)
+        z = _as_float(features)
         if tuple(z.shape[1:]) != tuple(self.knowledge.feature_shape):
             raise AttackError(f"attack '{self.name}': features of shape {tuple(z.shape[1:])}, "
                               f"fitted for {tuple(self.knowledge.feature_shape)}")
+        if self.uses_gradients:
+            if gradients is None:
+                raise AttackError(f"attack '{self.name}' needs the gradients the cloud recorded "
+                                  "(the U-shaped split's dL/dh), but the view has none")
+            g = _as_float(gradients)
+            if len(g) != len(z):
+                raise AttackError(f"attack '{self.name}': {len(g)} gradient rows for {len(z)} features")
+            out = self._run(z, g)
+        else:
+            out = self._run(z)
         if self.kind == "completion":
-            return self._run(z).to(torch.int64).cpu()
-        return self._run(z).clamp(0.0, 1.0).cpu()
+            return out.to(torch.int64).cpu()
+        return out.clamp(0.0, 1.0).cpu()
 
     def _fit(self, knowledge: Knowledge, aux01: torch.Tensor,
              aux_labels: torch.Tensor | None) -> None:
@@ -248,6 +269,10 @@ class Attack:
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _as_float(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float32)
 
 
 def _as_images(x: torch.Tensor, shape: tuple[int, int, int], what: str) -> torch.Tensor:

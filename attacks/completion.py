@@ -1,14 +1,16 @@
 """Model completion (Fu et al., USENIX Security 2022): the cloud recovers the client's labels.
 
-In the U-shaped split the client keeps the last layer, so labels and predictions never reach
-the cloud. The cloud still owns most of the network: it stacks a small MLP "inference head" on
-its own tail and trains it with a handful of labelled public samples (4 per class) plus the
-unlabelled rest, semi-supervised with MixMatch. Applied to the features a client sent, the
-completed model predicts that client's labels.
+In the U-shaped split the client keeps the last layer, so labels and predictions are never
+sent to the cloud (the gradients dL/dh it sends reveal them: :mod:`attacks.gradlabel`). The
+cloud still owns most of the network: it stacks a small MLP "inference head" on its own tail
+and trains it with a handful of labelled public samples (4 per class) plus the unlabelled rest,
+semi-supervised with MixMatch. Applied to the features a client sent, the completed model
+predicts that client's labels.
 
 The client's last layer is federated with the head, so a cloud that is also the aggregating
-server holds it and needs no completion at all; these attacks model a cloud that is not (a
-separate aggregator, or secure aggregation): :class:`~attacks.base.Knowledge` never carries the
+server holds it and needs no completion at all (at level ``"whitebox"``,
+:class:`~attacks.base.Knowledge` carries it, for :mod:`attacks.gradlabel`); these attacks
+model a cloud that is not (a separate aggregator, or secure aggregation): they never read the
 last layer, only the head (query oracle) and the cloud's own tail.
 
 * ``pmc`` (passive): done after an honest training.

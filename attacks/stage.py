@@ -23,7 +23,7 @@ from attacks.base import ATTACKS, Attack, AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
 from attacks.threads import fastest_threads, torch_threads
 from attacks.view import load_view
-from sim.client import build_client_model
+from sim.client import build_client_last, build_client_model
 from sim.data import ImageData, to_tensor
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.spec import parse_call, split_top_level
@@ -103,9 +103,12 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         start = snapshot.start_heads.get(group.name)
         start_head = build_client_model(spec, str(group.defense), start, {})[0] if start else None
         knowledge = Knowledge.from_models(level, head, tail, str(group.defense), spec, data.mean,
-                                          data.std, defense=defense, start_head=start_head)
+                                          data.std, defense=defense, start_head=start_head,
+                                          last=build_client_last(spec, snapshot.heads[group.name]))
         mine = (rows["group_ids"] == g) & ~rows["failed"]
         knowledge.observed = torch.from_numpy(rows["features"][mine])
+        if "grads" in rows:
+            knowledge.observed_grads = torch.from_numpy(rows["grads"][mine])
         clients = sorted(set(rows["client_ids"][mine].tolist()))
         attacked = {pid: _client_features(rows, pid, samples, seed) for pid in clients}
         for attack_spec in attacks:
@@ -122,8 +125,8 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
                     {"group": group.name, "round": snapshot.round, "threads": threads, **vars(c)} for c in curves)
                 fitted = {"fit_epochs": sum(c.epochs for c in curves),
                           "fit_stopped": ",".join(c.stopped for c in curves)} if curves else {}
-                for pid, (ids, feats) in attacked.items():
-                    out = attack.run(torch.from_numpy(feats))
+                for pid, (ids, feats, grads) in attacked.items():
+                    out = attack.run(torch.from_numpy(feats), None if grads is None else torch.from_numpy(grads))
                     row = {"round": snapshot.round, "partition_id": pid, "group": group.name,
                            "defense": str(group.defense), "attack": attack.name, "attacked": len(ids),
                            **fitted}
@@ -149,8 +152,10 @@ def on_device(attack_spec: str, device: str) -> dict[str, str]:
 
 
 def _client_features(rows: dict[str, np.ndarray], pid: int, samples: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A client's attacked rows: sample ids, features and, where recorded, dL/dh (else None)."""
     mine = np.flatnonzero((rows["client_ids"] == pid) & ~rows["failed"])  # a failed round's are marked
     if len(mine) > samples:
         mine = np.sort(np.random.default_rng([seed, pid]).choice(mine, samples, replace=False))
-    return rows["sample_ids"][mine], rows["features"][mine]
+    grads = rows["grads"][mine] if "grads" in rows else None
+    return rows["sample_ids"][mine], rows["features"][mine], grads

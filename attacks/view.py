@@ -5,6 +5,11 @@ arrived, from the latest round in which that client trained: an attack at round 
 features with that round's aggregated head. Sample ids index the dataset's train split, so a
 separate scorer can map each feature back to its true image; attacker code sees only ids and
 features.
+
+In the U-shaped split the client also sends the gradient dL/dh of its loss with respect to the
+tail's output; it arrives after the batch's features (the client needs h first), and the cloud
+keeps it on the same rows the reservoir chose for those features (:meth:`Reservoir.attach`),
+so row i of the gradients belongs to row i of the features and sample ids.
 """
 
 from __future__ import annotations
@@ -26,27 +31,61 @@ class Reservoir:
     seen: int = 0
     ids: list[int] = field(default_factory=list)
     rows: list[np.ndarray] = field(default_factory=list)
+    # U-shaped: the dL/dh row of each kept row (None until the batch's backward brings it)
+    grads: list[np.ndarray | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed)
+        self._slots: list[int] | None = None  # the last batch's rows: kept at slot, or -1
 
     def add(self, sample_ids: np.ndarray, z: np.ndarray) -> None:
-        """Offer a batch; each row is kept with probability capacity / rows seen so far."""
+        """Offer a batch; each row is kept with probability capacity / rows seen so far.
+
+        Where each row went is remembered until the next batch, for :meth:`attach`.
+        """
+        slots = []
         for sid, row in zip(sample_ids.tolist(), z):
+            slot = -1
             if len(self.ids) < self.capacity:
                 self.ids.append(sid)
                 self.rows.append(row.copy())
+                self.grads.append(None)
+                slot = len(self.ids) - 1
             else:
                 j = int(self._rng.integers(0, self.seen + 1))
                 if j < self.capacity:
                     self.ids[j] = sid
                     self.rows[j] = row.copy()
+                    self.grads[j] = None  # an older row's gradient must not stay on the new one
+                    slot = j
+            slots.append(slot)
             self.seen += 1
+        self._slots = slots
+
+    def attach(self, grads: np.ndarray) -> None:
+        """Keep the gradient rows of the batch last offered on the rows kept of it (the same
+        decisions, no draw): a later row of the batch that replaced an earlier one wins."""
+        if self._slots is None or len(self._slots) != len(grads):
+            raise RuntimeError(f"{len(grads)} gradient rows for a batch of "
+                               f"{0 if self._slots is None else len(self._slots)} recorded rows")
+        for slot, row in zip(self._slots, grads):
+            if slot >= 0:
+                self.grads[slot] = row.copy()
+        self._slots = None
 
     def arrays(self, feature_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(self.ids, dtype=np.int64)
         z = np.stack(self.rows) if self.rows else np.zeros((0, *feature_shape), np.float32)
         return ids, z
+
+    def grad_array(self) -> np.ndarray | None:
+        """The kept rows' gradients (NaN where a row's backward never came, e.g. the client
+        failed in between); None when no gradient was recorded (the vanilla split)."""
+        known = [g for g in self.grads if g is not None]
+        if not known:
+            return None
+        missing = np.full_like(known[0], np.nan)
+        return np.stack([missing if g is None else g for g in self.grads])
 
 
 @dataclass
@@ -63,6 +102,7 @@ class ClientView:
     bytes_received: int  # cumulative over the run: features and labels sent by the client
     bytes_sent: int  # cumulative over the run: gradients returned to the client
     failed: bool = False  # the client failed in that round: features of an unfinished round
+    grads: np.ndarray | None = None  # U-shaped: (n, *h_shape) dL/dh, row-aligned; else None
 
 
 class FeatureStore:
@@ -103,7 +143,9 @@ class FeatureStore:
         """Write the view as one ``.npz`` of flat arrays (no pickle), ordered by partition id.
 
         Features of different cut layers have different shapes, so every array is stored per
-        cut: ``features_c4``, ``sample_ids_c4``, ... and ``cuts`` lists the cuts present.
+        cut: ``features_c4``, ``sample_ids_c4``, ... and ``cuts`` lists the cuts present. In
+        the U-shaped split ``grads_c4`` holds the dL/dh rows (NaN rows for a client without
+        any); views without gradients have no such array.
         """
         arrays: dict[str, np.ndarray] = {}
         everything = [self.clients[p] for p in sorted(self.clients)] + [self.failed[p] for p in sorted(self.failed)]
@@ -117,13 +159,23 @@ class FeatureStore:
             arrays[f"failed_c{cut}"] = np.repeat([v.failed for v in views], n).astype(bool)
             arrays[f"sample_ids_c{cut}"] = np.concatenate([v.sample_ids for v in views])
             arrays[f"features_c{cut}"] = np.concatenate([v.features for v in views])
+            known = [v.grads for v in views if v.grads is not None]
+            if known:
+                arrays[f"grads_c{cut}"] = np.concatenate([
+                    v.grads if v.grads is not None
+                    else np.full((len(v.sample_ids), *known[0].shape[1:]), np.nan, known[0].dtype)
+                    for v in views])
         np.savez_compressed(path, cuts=np.asarray(cuts, np.int64), **arrays)
 
 
 VIEW_FIELDS = ("client_ids", "group_ids", "rounds", "failed", "sample_ids", "features")
+OPTIONAL_FIELDS = ("grads",)  # only in views that recorded them (the U-shaped split)
 
 
 def load_view(path: str) -> dict[int, dict[str, np.ndarray]]:
-    """Read a saved view: per cut layer, the arrays of :data:`VIEW_FIELDS` (row-aligned)."""
+    """Read a saved view: per cut layer, the arrays of :data:`VIEW_FIELDS` (row-aligned) and
+    those of :data:`OPTIONAL_FIELDS` the view has."""
     with np.load(path, allow_pickle=False) as data:
-        return {int(c): {f: data[f"{f}_c{c}"] for f in VIEW_FIELDS} for c in data["cuts"]}
+        return {int(c): {f: data[f"{f}_c{c}"] for f in VIEW_FIELDS + OPTIONAL_FIELDS
+                         if f in VIEW_FIELDS or f"{f}_c{c}" in data}
+                for c in data["cuts"]}

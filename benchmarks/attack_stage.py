@@ -35,7 +35,7 @@ from sim.client import build_client_model
 from sim.config import load_config
 from sim.data import to_tensor
 from sim.models import normalise
-from sim.run import Prepared, attack_stage, make_run_dir, prepare, simulate, write_summary
+from sim.run import Prepared, _quiet_libraries, attack_stage, make_run_dir, prepare, simulate, write_summary
 
 RUNS = {  # the run, and the README demo
     "small": {"clients": 10, "rounds": 1, "train_subset": 5000, "defense": "none", "attacks": "decoder"},
@@ -55,6 +55,7 @@ def train(settings: dict[str, Any], out: Path) -> tuple[Path, Prepared]:
     cfg = load_config(None, {**settings, "out": str(out)})
     prep = prepare(cfg)
     run_dir = make_run_dir(cfg)
+    _quiet_libraries()
     reporter = Reporter()
     reporter.start(cfg.rounds, cfg.clients, f"{cfg.dataset} {cfg.defense}")
     outcome = simulate(prep, run_dir, reporter)

@@ -10,6 +10,7 @@ from defenses import ppdl  # noqa: F401  (registers "ppdl")
 from defenses import cem  # noqa: F401  (registers "cem")
 from defenses import adversarial  # noqa: F401  (registers "adversarial")
 from defenses import infoscissors  # noqa: F401  (registers "infoscissors")
+from defenses import gradnoise  # noqa: F401  (registers "gradnoise")
 from defenses.base import (
     FEDERATED_PREFIX,
     REGISTRY,

@@ -10,7 +10,9 @@ A defense sits between the head and the wire: ``forward(z)`` is what the cloud r
 (noise, dropout, top-k, ...), ``loss(x, z, y)`` adds a regulariser on the clean features
 (CEM, NoPeek, ...), ``on_epoch_end`` refreshes any statistics (CEM's k-means), and in the
 U-shaped split ``output_loss(h, y)`` adds a regulariser on the cloud's output h (InfoScissors'
-prediction leakage), whose gradient reaches the cloud's tail through dL/dh.
+prediction leakage), whose gradient reaches the cloud's tail through dL/dh, and
+``protect_gradient(grad_h)`` changes the dL/dh the client sends back (gradient noise against
+label inference from gradients).
 Defenses are registered by name with typed keyword parameters so that one syntax,
 ``"noise(sigma=0.05)+cem(lam=8)"``, builds them from the CLI, YAML groups and tests alike.
 """
@@ -50,9 +52,14 @@ class Defense(nn.Module):
         """Regulariser on the cloud's output ``h`` (U-shaped split only), added to the client's CE."""
         return h.new_zeros(())
 
+    def protect_gradient(self, grad_h: torch.Tensor) -> torch.Tensor:
+        """What the client sends back of its dL/dh (U-shaped split only); default unchanged."""
+        return grad_h
+
     def needs_output(self) -> bool:
-        """Whether :meth:`output_loss` is active, i.e. the defense needs the U-shaped split
-        (in the vanilla split the cloud's output never reaches the client)."""
+        """Whether :meth:`output_loss` or :meth:`protect_gradient` is active, i.e. the defense
+        needs the U-shaped split (in the vanilla split the cloud's output never reaches the
+        client, nor does the client send dL/dh)."""
         return False
 
     def on_epoch_end(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -118,6 +125,11 @@ class Compose(Defense):
 
     def output_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return sum((part.output_loss(h, y) for part in self.parts), h.new_zeros(()))
+
+    def protect_gradient(self, grad_h: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            grad_h = part.protect_gradient(grad_h)
+        return grad_h
 
     def needs_output(self) -> bool:
         return any(part.needs_output() for part in self.parts)

@@ -332,7 +332,9 @@ def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, defense: Defense, 
     here), dL/dh back, dL/dz in return. Leaves the last layer's gradients accumulated.
 
     The defense's ``output_loss`` on h (InfoScissors' prediction leakage) is added to the CE
-    before the backward pass, so its gradient travels to the cloud inside dL/dh.
+    before the backward pass, so its gradient travels to the cloud inside dL/dh; then
+    ``protect_gradient`` (gradient noise) changes what is sent of dL/dh. The client's last
+    layer trains on the exact loss either way.
     Returns dL/dz, the CE loss, the hits, and the bytes sent and received.
     """
     h_np = tail.forward(ids, payload)
@@ -340,7 +342,7 @@ def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, defense: Defense, 
     logits = last_layer(h)
     loss = F.cross_entropy(logits, y)
     (loss + defense.output_loss(h, y)).backward()
-    grad_h = h.grad.cpu().numpy()
+    grad_h = defense.protect_gradient(h.grad).cpu().numpy()
     grad = tail.backward(grad_h, last)
     return (grad, float(loss.detach()), int((logits.argmax(1) == y).sum()),
             payload.nbytes + grad_h.nbytes, h_np.nbytes + grad.nbytes)

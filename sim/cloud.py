@@ -13,12 +13,14 @@ protocol (DESIGN.md, data plane):
 
 In the U-shaped split the client keeps the last layer: a batch is two exchanges, ``forward``
 (z in, the tail's output h back) and ``backward`` (dL/dh in, dL/dz back, the tail stepped), and
-no label ever reaches the cloud. Two calls are needed because the client can only compute
-dL/dh after it has h; an SFL-v2 client holds its turn between them, so no other client's step
-changes the shared tail while its graph is pending. (Merging a batch's backward into the next
-batch's forward would save one call but train the head one step stale. Measured through the
-actor on 2 busy cores, small model, batch 32, median of 250 batches: 17.1 ms per batch for the
-vanilla single call, 19.4 ms for the U-shaped pair, 1.14x.)
+no label is ever sent to the cloud. The cloud records dL/dh with the batch's z, on the same
+reservoir rows: it reveals the labels all the same (:mod:`attacks.gradlabel`). Two calls are
+needed because the client can only compute dL/dh after it has h; an SFL-v2 client holds its
+turn between them, so no other client's step changes the shared tail while its graph is
+pending. (Merging a batch's backward into the next batch's forward would save one call but
+train the head one step stale. Measured through the actor on 2 busy cores, small model, batch
+32, median of 250 batches: 17.1 ms per batch for the vanilla single call, 19.4 ms for the
+U-shaped pair, 1.14x.)
 """
 
 from __future__ import annotations
@@ -103,11 +105,13 @@ class CloudSession:
         return out
 
     def backward(self, grad_h: np.ndarray) -> np.ndarray:
-        """U-shaped: back-propagate the client's dL/dh, step the tail, return dL/dz."""
+        """U-shaped: record the client's dL/dh with the batch's z, back-propagate it, step the
+        tail, return dL/dz."""
         if self._pending is None:
             raise RuntimeError("backward() without a forward() for the batch")
         zt, h = self._pending
         self._pending = None
+        self.reservoir.attach(grad_h)
         self.bytes_received += grad_h.nbytes
         self.optimizer.zero_grad(set_to_none=True)
         h.backward(torch.from_numpy(grad_h).to(self.device))
@@ -132,7 +136,7 @@ class CloudSession:
              feature_shape: tuple[int, ...], failed: bool = False) -> ClientView:
         ids, z = self.reservoir.arrays(feature_shape)
         return ClientView(partition_id, group, cut, round_, ids, z, self.reservoir.seen,
-                          self.bytes_received, self.bytes_sent, failed)
+                          self.bytes_received, self.bytes_sent, failed, self.reservoir.grad_array())
 
 
 def average_states(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:

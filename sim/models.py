@@ -9,7 +9,8 @@ head had at the cut, then the rest of the list, then the classifier.
 
 In the U-shaped split (``split="ushaped"``) the classifier's last Linear layer stays on the
 client (:func:`build_last`), so the cloud's tail ends at the penultimate activations ``h`` and
-neither labels nor predictions ever reach the cloud (the setting of model-completion attacks).
+neither labels nor predictions are sent to the cloud (the setting of model-completion attacks);
+the gradients dL/dh the client returns still reveal the labels (:mod:`attacks.gradlabel`).
 """
 
 from __future__ import annotations

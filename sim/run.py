@@ -147,8 +147,8 @@ def prepare(cfg: SimConfig) -> Prepared:
             except DefenseError as exc:
                 raise ConfigError(where, str(exc)) from None
             if defense.needs_output() and cfg.split != "ushaped":
-                raise ConfigError(where, f"'{g.defense}' regularises the cloud's output, which only --split "
-                                  f"ushaped returns to the client (the split is '{cfg.split}')")
+                raise ConfigError(where, f"'{g.defense}' works on the cloud's output or its gradient, which only "
+                                  f"--split ushaped exchanges with the client (the split is '{cfg.split}')")
             try:  # the server's own defaults (sim.server_app), so that what passes here runs there
                 check_strategy_spec(str(g.strategy), {"fraction_train": cfg.fraction, "fraction_evaluate": 0.0,
                                                       "min_train_nodes": 1, "min_available_nodes": sizes[i]},

@@ -237,7 +237,7 @@ def test_attack_code_never_reads_victim_data():
     fit = inspect.signature(attacks.Attack.fit).parameters
     run = inspect.signature(attacks.Attack.run).parameters
     assert list(fit) == ["self", "knowledge", "aux_images01", "aux_labels"]
-    assert list(run) == ["self", "features"]
+    assert list(run) == ["self", "features", "gradients"]  # gradients: dL/dh rows, never ids
     for cls in (ATTACKS[n] for n in ATTACKS):  # subclasses keep the base entry points
         assert cls.fit is attacks.Attack.fit and cls.run is attacks.Attack.run
 
