@@ -74,6 +74,9 @@ class Knowledge:
     # Every feature the cloud recorded of this group's clients (pooled, no sample ids): what a
     # distribution-matching attacker (SDAR, FORA) aligns its substitute head to.
     observed: torch.Tensor | None = None
+    # Networks the cloud trained for itself during the federation, by name (state dicts): an
+    # active adversary's, e.g. FSHA's inverse network (attacks.fsha); empty for an honest one.
+    cloud_models: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.defense is None:  # the public spec is always known

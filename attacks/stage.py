@@ -53,6 +53,8 @@ class Snapshot:
     view: dict[int, dict[str, np.ndarray]]  # per cut: client_ids, group_ids, sample_ids, features
     heads: dict[str, dict[str, np.ndarray]]  # per group name: head + federated defense state
     tails: dict[int, dict[str, np.ndarray]]  # per cut
+    # per cut: networks the cloud trained for its attacks, by name (FSHA's inverse network)
+    cloud_models: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
 
 
 def load_snapshot(directory: Path, round_: int) -> Snapshot:
@@ -61,7 +63,8 @@ def load_snapshot(directory: Path, round_: int) -> Snapshot:
     as_numpy = lambda state: {k: v.numpy() for k, v in state.items()}  # noqa: E731
     return Snapshot(round_, load_view(str(directory / "view.npz")),
                     {g: as_numpy(s) for g, s in models["heads"].items()},
-                    {int(c): as_numpy(s) for c, s in models["tails"].items()})
+                    {int(c): as_numpy(s) for c, s in models["tails"].items()},
+                    {int(c): {n: as_numpy(s) for n, s in m.items()} for c, m in models.get("cloud_models", {}).items()})
 
 
 @dataclass
@@ -96,6 +99,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
                                           data.std, defense=defense)
         mine = (rows["group_ids"] == g) & ~rows["failed"]
         knowledge.observed = torch.from_numpy(rows["features"][mine])
+        knowledge.cloud_models = snapshot.cloud_models.get(cut, {})
         clients = sorted(set(rows["client_ids"][mine].tolist()))
         for attack_spec in attacks:
             attack = build_attack(attack_spec, **on_device(attack_spec, device))

@@ -274,7 +274,7 @@ class Federation:
         cloud = state["cloud"]
         ray.get(self.cloud.load_state.remote({
             "tails": checkpoint.decode(cloud["tails"]), "optimizers": cloud["optimizers"],
-            "store": checkpoint.decode(cloud["store"])}))
+            "store": checkpoint.decode(cloud["store"]), "hijackers": cloud.get("hijackers", {})}))
         checkpoint.set_rng_state(state["rng"])
         self.records[:] = json.loads(state["metrics"])
 
@@ -379,10 +379,13 @@ class Federation:
         directory.mkdir(parents=True, exist_ok=True)
         ray.get(self.cloud.view.remote()).save(str(directory / "view.npz"))
         tails = ray.get(self.cloud.all_tail_states.remote())
+        attack_models = ray.get(self.cloud.attack_models.remote())
         torch.save({
             "heads": {g.name: {k: torch.tensor(v) for k, v in from_record(self.heads[i]).items()}
                       for i, g in enumerate(self.groups)},
             "tails": {int(cut): {k: torch.tensor(v) for k, v in s.items()} for cut, s in tails.items()},
+            "cloud_models": {int(cut): {name: {k: torch.tensor(v) for k, v in s.items()} for name, s in models.items()}
+                             for cut, models in attack_models.items()},
         }, directory / "model.pt")
 
 
