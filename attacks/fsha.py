@@ -74,15 +74,16 @@ class Hijacker:
     """The malicious cloud's FSHA state for one cut layer, and its per-batch step.
 
     ``aux_x`` are the public auxiliary images as the dataset stores them (N, H, W, C) uint8;
-    ``mean``/``std`` the public normalisation the heads use. Every random draw (aux batches,
+    ``mean``/``std`` the public normalisation the heads use; ``pretrain`` autoencoder steps
+    come before the first batch's. Every random draw (aux batches,
     gradient-penalty interpolation) comes from ``(seed, step)``, so the whole state is the
     networks, their optimisers and the step count: :meth:`state` is all a resumed run needs.
     """
 
     def __init__(self, spec: SplitSpec, aux_x: np.ndarray, mean: Any, std: Any, seed: int,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", pretrain: int = PRETRAIN) -> None:
         self.device = torch.device(device)
-        self.seed, self.step = seed, 0
+        self.seed, self.step, self.pretrain = seed, 0, pretrain
         aux01 = torch.from_numpy(np.ascontiguousarray(aux_x)).permute(0, 3, 1, 2).float().div_(255)
         self.aux01 = aux01.to(self.device)
         self.aux_in = normalise(self.aux01, tuple(mean), tuple(std))
@@ -111,7 +112,7 @@ class Hijacker:
         grad = zt.grad.cpu().numpy()
         self.pilot.train()
         self.inverse.train()
-        for _ in range(AE_STEPS + (PRETRAIN if self.step == 1 else 0)):
+        for _ in range(AE_STEPS + (self.pretrain if self.step == 1 else 0)):
             idx = self._aux_batch(gen)
             loss = F.mse_loss(self.inverse(self.pilot(self.aux_in[idx])), self.aux01[idx])
             self.opt_ae.zero_grad(set_to_none=True)
