@@ -92,8 +92,11 @@ def test_fsha_beats_the_passive_decoder_and_the_task_collapses(runs: tuple[Path,
     hijacked, honest = runs
     rows, honest_rows = _rows(hijacked), _rows(honest)
     fsha = [_ssim(rows, "fsha", r) for r in (1, 2, 3)]
-    # measured (see the commit): fsha 0.xx -> 0.xx, honest decoder 0.xx, accuracy 0.xx vs 0.xx
-    assert fsha[2] > fsha[0] + 0.05, fsha  # the hijack takes hold over the rounds
+    # Measured (seed 0): fsha SSIM 0.206, 0.448, 0.470 over rounds 1-3 (mean-image baseline
+    # 0.158); the decoder 0.342 on the same run and 0.365 on the honest one; final accuracy
+    # 0.103 hijacked vs 0.810 honest. Both runs took ~40 min on 2 busy cores.
+    assert fsha[2] > fsha[0] + 0.1, fsha  # the hijack takes hold over the rounds
+    assert fsha[2] > _ssim(rows, "decoder", 3) + 0.05, (fsha, _ssim(rows, "decoder", 3))
     assert fsha[2] > _ssim(honest_rows, "decoder", 3) + 0.05, (fsha, _ssim(honest_rows, "decoder", 3))
     accuracy = metrics(hijacked)[-1]["accuracy"], metrics(honest)[-1]["accuracy"]
     assert accuracy[0] < 0.25 and accuracy[1] > accuracy[0] + 0.4, accuracy
