@@ -83,6 +83,9 @@ class Knowledge:
     observed_grads: torch.Tensor | None = None
     # whitebox, U-shaped only: the client's aggregated last layer h -> logits (eval mode, a copy)
     last: nn.Module | None = None
+    # Networks the cloud trained for itself during the federation, by name (state dicts): an
+    # active adversary's, e.g. FSHA's inverse network (attacks.fsha); empty for an honest one.
+    cloud_models: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.defense is None:  # the public spec is always known

@@ -282,6 +282,23 @@ def cost_table(seconds: dict[str, float], curves: dict[str, list[dict[str, Any]]
     return lines
 
 
+def per_round_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean SSIM per attack and attacked round next to the clients' accuracy by then: how
+    leakage and utility move together (e.g. FSHA's hijack: SSIM up as the task collapses).
+    Nothing when a single round was attacked."""
+    rs = [r for r in rows if "ssim" in r]
+    if len({r["round"] for r in rs}) < 2:
+        return []
+    by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rs:
+        by[(r["attack"], r["round"])].append(r)
+    lines = ["Per attacked round (means over clients):", "", "| attack | round | accuracy | SSIM |", "|---|---|---|---|"]
+    for (attack, round_), group in sorted(by.items()):
+        accuracy = np.mean([r["accuracy"] for r in group if r.get("accuracy") is not None] or [np.nan])
+        lines.append(f"| {attack} | {round_} | {accuracy:.3f} | {np.mean([r['ssim'] for r in group]):.3f} |")
+    return lines + [""]
+
+
 def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, Any],
                  means: dict[str, Any], seconds: dict[str, float], final_round: int,
                  curves: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
@@ -328,6 +345,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
                 lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | {m['mse']:.4f} | "
                              f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['baseline_ssim']:.3f} |")
         lines.append("")
+        lines += per_round_lines(rows)
     if completion:
         lines += ["Model completion: the completed model's accuracy on the clients' labels, next to "
                   "the clients' own accuracy and the same MLP trained from scratch on raw inputs "

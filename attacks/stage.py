@@ -56,6 +56,8 @@ class Snapshot:
     tails: dict[int, dict[str, np.ndarray]]  # per cut
     # per group name: the head the round started from (runs saved before it was kept lack it)
     start_heads: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # per cut: networks the cloud trained for its attacks, by name (FSHA's inverse network)
+    cloud_models: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
 
 
 def load_snapshot(directory: Path, round_: int) -> Snapshot:
@@ -65,7 +67,8 @@ def load_snapshot(directory: Path, round_: int) -> Snapshot:
     return Snapshot(round_, load_view(str(directory / "view.npz")),
                     {g: as_numpy(s) for g, s in models["heads"].items()},
                     {int(c): as_numpy(s) for c, s in models["tails"].items()},
-                    {g: as_numpy(s) for g, s in models.get("start_heads", {}).items()})
+                    {g: as_numpy(s) for g, s in models.get("start_heads", {}).items()},
+                    {int(c): {n: as_numpy(s) for n, s in m.items()} for c, m in models.get("cloud_models", {}).items()})
 
 
 @dataclass
@@ -109,6 +112,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
         knowledge.observed = torch.from_numpy(rows["features"][mine])
         if "grads" in rows:
             knowledge.observed_grads = torch.from_numpy(rows["grads"][mine])
+        knowledge.cloud_models = snapshot.cloud_models.get(cut, {})
         clients = sorted(set(rows["client_ids"][mine].tolist()))
         attacked = {pid: _client_features(rows, pid, samples, seed) for pid in clients}
         for attack_spec in attacks:

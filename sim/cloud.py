@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.completion import MaliciousOptimizer
+from attacks.fsha import Hijacker
 from attacks.view import ClientView, FeatureStore, Reservoir
-from sim.config import RESERVOIR_SALT, derive_seed
+from sim.config import HIJACK_SALT, RESERVOIR_SALT, derive_seed
 from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
 
 LABEL_BYTES = 8  # labels travel as int64
@@ -62,13 +63,17 @@ class CloudSession:
 
     Vanilla split: ``train_batch`` (z and labels in, dL/dz out) and ``predict``. U-shaped
     split: ``forward`` then ``backward`` per training batch, and ``embed`` for inference.
+    With a ``hijacker`` (``--adversary hijack``) ``train_batch`` answers with FSHA's
+    adversarial gradient instead, and the tail is not trained (:mod:`attacks.fsha`).
     """
 
-    def __init__(self, tail: nn.Module, optimizer: Any, reservoir: Reservoir) -> None:
+    def __init__(self, tail: nn.Module, optimizer: Any, reservoir: Reservoir,
+                 hijacker: Hijacker | None = None) -> None:
         self.tail = tail
         self.device = next(tail.parameters()).device
         self.optimizer = optimizer
         self.reservoir = reservoir
+        self.hijacker = hijacker
         self.bytes_received = 0
         self.bytes_sent = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # U-shaped: (z, h)
@@ -77,6 +82,8 @@ class CloudSession:
         """Record z, run the tail, step it, and return dL/dz with the batch loss and hits."""
         self.reservoir.add(sample_ids, z)
         self.bytes_received += z.nbytes + len(y) * LABEL_BYTES
+        if self.hijacker is not None:
+            return self._hijacked_batch(z, y)
         zt = torch.from_numpy(z).to(self.device).requires_grad_(True)
         yt = torch.from_numpy(y).to(self.device)
         self.tail.train()
@@ -88,6 +95,16 @@ class CloudSession:
         grad = zt.grad.cpu().numpy()
         self.bytes_sent += grad.nbytes
         return grad, float(loss.detach()), int((out.argmax(1) == yt).sum())
+
+    def _hijacked_batch(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """FSHA's gradient for the client; the loss and hits it reports are the untrained
+        tail's, so the client sees its task fail (FSHA's tell-tale sign)."""
+        grad = self.hijacker.hijack(z)
+        self.bytes_sent += grad.nbytes
+        with torch.no_grad():
+            out = self.tail.eval()(torch.from_numpy(z).to(self.device))
+            yt = torch.from_numpy(y).to(self.device)
+            return grad, float(F.cross_entropy(out, yt)), int((out.argmax(1) == yt).sum())
 
     def forward(self, sample_ids: np.ndarray, z: np.ndarray) -> np.ndarray:
         """U-shaped: record z, run the tail in training mode and return its output h.
@@ -171,6 +188,11 @@ class CloudActor:
         self.seed, self.lr, self.capacity = cfg["seed"], cfg["lr"], cfg["reservoir"]
         adversary = cfg.get("adversary", "passive")
         self.specs = {cut: SplitSpec(**spec) for cut, spec in setup["specs"].items()}
+        # FSHA's malicious cloud (attacks.fsha): one hijacker per cut, on the public aux images
+        aux_x = ray.get(setup["aux_x"]) if adversary == "hijack" else None
+        self.hijackers = {cut: Hijacker(self.specs[cut], aux_x, setup["mean"], setup["std"],
+                                        derive_seed(self.seed, cut, HIJACK_SALT), setup["device"])
+                          for cut in tails} if aux_x is not None else {}
         self.tails: dict[int, nn.Module] = {}
         self.optimizers: dict[int, Any] = {}
         for cut, state in tails.items():
@@ -249,7 +271,8 @@ class CloudActor:
             self._turn = 0
             for pid, group, cut in wave:
                 session = CloudSession(self.tails[cut], self.optimizers[cut],
-                                       Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)))
+                                       Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)),
+                                       self.hijackers.get(cut))
                 self._sessions[pid] = (session, group, cut, round_)
 
     async def wait_arrived(self, pids: list[int]) -> None:
@@ -332,17 +355,26 @@ class CloudActor:
     async def all_tail_states(self) -> dict[int, dict[str, np.ndarray]]:
         return {cut: state_to_numpy(t) for cut, t in self.tails.items()}
 
+    async def attack_models(self) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+        """Per cut, the networks the cloud trained for its attacks (FSHA's inverse network);
+        empty for an honest cloud."""
+        return {cut: h.attack_models() for cut, h in self.hijackers.items()}
+
     # ------------------------------------------------------------------------------ checkpoints
 
     async def state(self) -> dict[str, Any]:
-        """Everything the cloud holds between rounds: tails, their optimisers, the view."""
+        """Everything the cloud holds between rounds: tails, their optimisers, the view, and
+        a hijacking cloud's FSHA networks (tensors, as the optimisers' states)."""
         return {"tails": {cut: state_to_numpy(t) for cut, t in self.tails.items()},
                 "optimizers": {cut: o.state_dict() for cut, o in self.optimizers.items()},
-                "store": self.store.state()}
+                "store": self.store.state(),
+                "hijackers": {cut: h.state() for cut, h in self.hijackers.items()}}
 
     async def load_state(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state` (as read back from a checkpoint)."""
         for cut, tail in self.tails.items():
             load_numpy_state(tail, state["tails"][cut])
             self.optimizers[cut].load_state_dict(state["optimizers"][cut])
+        for cut, hijacker in self.hijackers.items():
+            hijacker.load_state(state["hijackers"][cut])
         self.store.load_state(state["store"])

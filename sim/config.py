@@ -29,10 +29,11 @@ from sim.data import DATASETS, PARTITIONS
 from sim.models import ARCHS, SPLITS
 
 PROTOCOLS = ("sflv1", "sflv2")
-ADVERSARIES = ("passive", "active")
+ADVERSARIES = ("passive", "active", "hijack")
 RESERVOIR_SALT = 7  # seeds of the cloud's reservoirs (and its SFL-v2 waves)
 ROUND_SALT = 11  # seeds of a round's server-side draws: sampling, wave order, evaluation noise
 FAILURE_SALT = 13  # seeds of the injected client failures (--client-failure-rate)
+HIJACK_SALT = 17  # seeds of a hijacking cloud's FSHA networks and draws (attacks.fsha)
 DEVICES = ("cpu", "cuda", "auto")
 MAX_SEED = 2**32 - 1  # every seed consumer (numpy, torch, random, flwr_datasets) accepts this range
 CLI = "cli"  # the source of a value given as a command-line flag
@@ -335,6 +336,10 @@ def validate(cfg: SimConfig) -> None:
     _check(cfg.split in SPLITS, "split", f"'{cfg.split}' unknown; allowed: {', '.join(SPLITS)}")
     _check(cfg.adversary in ADVERSARIES, "adversary",
            f"'{cfg.adversary}' unknown; allowed: {', '.join(ADVERSARIES)}")
+    # FSHA answers every client batch with its own gradient: it needs the shared tail's
+    # per-batch exchange (SFL-v1 trains tail copies in the clients' actors) and dL/dz itself
+    _check(cfg.adversary != "hijack" or (cfg.protocol == "sflv2" and cfg.split == "vanilla"), "adversary",
+           f"hijack needs --protocol sflv2 and --split vanilla, got {cfg.protocol} and {cfg.split}")
     _check(cfg.device in DEVICES, "device", f"'{cfg.device}' unknown; allowed: {', '.join(DEVICES)}")
     _check(cfg.client_cpus > 0, "client_cpus", f"must be > 0, got {cfg.client_cpus}")
     _check(cfg.client_gpus >= 0, "client_gpus", f"must be >= 0, got {cfg.client_gpus}")

@@ -60,8 +60,10 @@ HELP = {
     "protocol": "sflv1 (a tail copy per client, averaged per round) or sflv2 (one shared tail)",
     "split": "vanilla (the cloud's tail ends with the classifier; labels go to the cloud) or ushaped "
              "(the client keeps the last layer: labels and predictions stay on the client)",
-    "adversary": "passive (the cloud trains honestly) or active (it trains its tail with the "
-                 "malicious gradient-scaling optimiser of Fu et al., for the amc attack)",
+    "adversary": "passive (the cloud trains honestly), active (it trains its tail with the "
+                 "malicious gradient-scaling optimiser of Fu et al., for the amc attack) or hijack "
+                 "(FSHA, Pasquini et al.: it sends gradients that pull the heads into a feature space "
+                 "it can invert, for the fsha attack; sflv2, vanilla split; the task is not learnt)",
     "seed": "seed of everything: sampling, partitions, initialisation, noise",
     "out": "folder under which the run directory is created",
     "device": "where torch computes: cpu, cuda or auto",
@@ -220,6 +222,9 @@ def _check_attacks(cfg: SimConfig) -> None:
         if attack.adversary == "active" and cfg.adversary != "active":
             raise ConfigError("attacks", f"'{attack.name}' needs --adversary active (a cloud that "
                               "trained its tail maliciously); use pmc for a passive cloud")
+        if attack.adversary == "hijack" and cfg.adversary != "hijack":
+            raise ConfigError("attacks", f"'{attack.name}' needs --adversary hijack (a cloud that "
+                              "hijacked the heads' feature space and trained its inverse network)")
 
 
 def load_resume(run_dir: str, others: dict[str, Any]) -> tuple[SimConfig, Path, dict[str, Any]]:
@@ -317,6 +322,8 @@ def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
         "std": list(data.std),
         "device": prep.device,
     }
+    if cfg.adversary == "hijack":  # FSHA's public auxiliary images, for the cloud's own networks
+        setup["aux_x"] = ray.put(data.test_x[prep.aux_idx])
     # The plan keeps the handle: a named actor dies when its creator drops the last handle.
     cloud = CloudActor.options(name=cloud_name, namespace=namespace).remote(setup, tails)
     plan = ServerPlan(

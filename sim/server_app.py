@@ -279,7 +279,7 @@ class Federation:
         cloud = state["cloud"]
         ray.get(self.cloud.load_state.remote({
             "tails": checkpoint.decode(cloud["tails"]), "optimizers": cloud["optimizers"],
-            "store": checkpoint.decode(cloud["store"])}))
+            "store": checkpoint.decode(cloud["store"]), "hijackers": cloud.get("hijackers", {})}))
         checkpoint.set_rng_state(state["rng"])
         self.records[:] = json.loads(state["metrics"])
 
@@ -385,11 +385,14 @@ class Federation:
         directory.mkdir(parents=True, exist_ok=True)
         ray.get(self.cloud.view.remote()).save(str(directory / "view.npz"))
         tails = ray.get(self.cloud.all_tail_states.remote())
-        as_tensors = lambda record: {k: torch.tensor(v) for k, v in from_record(record).items()}  # noqa: E731
+        attack_models = ray.get(self.cloud.attack_models.remote())
+        tensors = lambda state: {k: torch.tensor(v) for k, v in state.items()}  # noqa: E731
         torch.save({
-            "heads": {g.name: as_tensors(self.heads[i]) for i, g in enumerate(self.groups)},
-            "start_heads": {g.name: as_tensors(self.start_heads[i]) for i, g in enumerate(self.groups)},
-            "tails": {int(cut): {k: torch.tensor(v) for k, v in s.items()} for cut, s in tails.items()},
+            "heads": {g.name: tensors(from_record(self.heads[i])) for i, g in enumerate(self.groups)},
+            "start_heads": {g.name: tensors(from_record(self.start_heads[i])) for i, g in enumerate(self.groups)},
+            "tails": {int(cut): tensors(s) for cut, s in tails.items()},
+            "cloud_models": {int(cut): {name: tensors(s) for name, s in models.items()}
+                             for cut, models in attack_models.items()},
         }, directory / "model.pt")
 
 
