@@ -15,8 +15,17 @@ Paper defaults (Tab. 9, plain net on CIFAR-10): simulator Adam 1e-3, adversarial
 image-discriminator weight ``lambda2 = 1e-5`` with learning rate ``5e-4 * lambda2``; batch
 128. Differences here: the phases run one after the other (the paper interleaves them during
 training, with the tail still moving; here the tail is final), each to convergence on held-out
-data; the discriminators and decoder are narrow (CPU budget); the decoder is CEM's network;
+data; the simulator's learning rate is 3e-4 (at 1e-3 its held-out loss peaked after two epochs
+and rose after, and the reconstructions were worse: SSIM 0.287 against 0.306); the discriminators and decoder are narrow (CPU budget); the decoder is CEM's network;
 and the label-conditional discriminators are unconditional (the cloud does not record labels).
+A faster feature discriminator (learning rate 1e-3) with a larger weight (lambda1 0.3 or 1)
+fooled the tail instead: the held-out cross-entropy tripled and SSIM fell to 0.21 / 0.20.
+
+Measured (10 clients, 2 rounds on 3000 Fashion-MNIST images, no defense, 3000 aux images, 2
+busy CPU cores; mean SSIM, mean-image baseline 0.17): SDAR 0.306, KA 0.295 (same decoder),
+FORA 0.395, the query-access decoder 0.406. SDAR's gain over KA is small at this scale: the
+tail after two rounds is a weak classifier, so the label term pins little, and the small
+adversarial weight the paper uses moves the simulator little within a few epochs.
 The image discriminator is off by default (``image_adv=0``): at the paper's weight it changes
 nothing measurable, and larger weights trade pixel fidelity for realism.
 """
@@ -35,7 +44,7 @@ class Sdar(SubstituteAttack):
 
     Parameters:
         lambda1: weight of fooling the feature discriminator (paper: 0.04).
-        lr: simulator Adam learning rate (paper: 1e-3).
+        lr: simulator Adam learning rate (paper: 1e-3; 3e-4 here, see the module notes).
         critic_lr: feature-discriminator learning rate (paper: lr * lambda1).
         decoder_lr: decoder Adam learning rate (paper: 5e-4).
         image_adv: weight of the image discriminator on decodings of the recorded features
@@ -51,7 +60,7 @@ class Sdar(SubstituteAttack):
     needs = "none"
     splits = ("vanilla",)
 
-    def __init__(self, lambda1: float = 0.04, lr: float = 1e-3, critic_lr: float = 4e-5,
+    def __init__(self, lambda1: float = 0.04, lr: float = 3e-4, critic_lr: float = 4e-5,
                  decoder_lr: float = 5e-4, image_adv: float = 0.0, batch_size: int = 128,
                  critic_width: int = 32, width: int = 32, blocks: int = 2,
                  max_epochs: int = 60, patience: int = 4, max_seconds: float = 300.0,

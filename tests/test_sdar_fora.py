@@ -38,10 +38,11 @@ def tiny_knowledge(spec: SplitSpec = SPEC, n_observed: int = 48,
     return know, aux, torch.randint(0, spec.num_classes, (40,))
 
 
-@pytest.mark.parametrize("name", ["sdar", "fora"])
-def test_fit_and_run_at_tiny_scale(name):
+@pytest.mark.parametrize("name, extra", [("sdar", {}), ("sdar", {"image_adv": 0.1}),
+                                         ("fora", {})])
+def test_fit_and_run_at_tiny_scale(name, extra):
     know, aux, labels = tiny_knowledge()
-    attack = build_attack(name, **TINY)
+    attack = build_attack(name, **TINY, **extra)
     attack.fit(know, aux, labels)
     out = attack.run(know.observed[:5])
     assert out.shape == (5, 1, 28, 28) and 0 <= out.min() and out.max() <= 1
@@ -102,3 +103,34 @@ def test_mk_mmd_and_critic_losses():
     torch.nn.init.zeros_(critic.body[-1].bias)
     assert float(critic_loss(critic, a, a, "bce")) == pytest.approx(2 * np.log(2), rel=1e-5)
     assert np.isfinite(float(critic_loss(critic, a, torch.rand_like(a), "wgan-gp")))
+
+
+# Comparable decoders for all three (CEM's network, narrow for the CPU budget); KA's own
+# defaults (a 64-wide, 8-block decoder for 50 epochs) would take most of an hour here.
+SDAR_MARGIN, FORA_MARGIN = 0.0, 0.05
+KA = "ka(head_epochs=4, epochs=10, width=32, blocks=2, batch_size=128)"
+
+
+@pytest.mark.slow
+def test_sdar_and_fora_beat_ka_on_an_undefended_run(tmp_path: Path):
+    """Acceptance on the real simulation: 10 clients, 2 rounds, no defense, 3000 public aux
+    images (aux fraction 0.3), the cloud knowing nothing of the heads.
+
+    Measured on this configuration by attacking a saved run directly (mean SSIM over the 10
+    clients, 64 features each; mean-image baseline 0.17): KA 0.295, SDAR 0.306, FORA 0.395
+    (the query-access decoder, for reference: 0.406). FORA's margin leaves half its measured
+    gap as headroom; SDAR's gain is small (0.011), so only
+    strictly better than KA is asserted for it (thin: it may flip with the seed).
+    """
+    start = time.perf_counter()
+    run_dir = run_sim(tmp_path, "--clients", "10", "--rounds", "2", "--train-subset", "3000",
+                      "--defense", "none", "--aux-fraction", "0.3",
+                      "--attacker-knowledge", "none", "--attacks", f"{KA},sdar,fora")
+    with (run_dir / "leakage.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    ssim = {a: float(np.mean([float(r["ssim"]) for r in rows if r["attack"] == a]))
+            for a in ("ka", "sdar", "fora")}
+    print(f"\nmean SSIM {ssim} in {time.perf_counter() - start:.0f} s")
+    assert all(sum(r["attack"] == a for r in rows) == 10 for a in ssim)
+    assert ssim["sdar"] > ssim["ka"] + SDAR_MARGIN
+    assert ssim["fora"] > ssim["ka"] + FORA_MARGIN
