@@ -1,6 +1,7 @@
 """The adversary: what the curious cloud records, and the attacks it runs on it."""
 
-from attacks import completion, decoder, fora, gan, ka, rmle, sdar  # noqa: F401,E402  (register the attacks)
+# Importing the modules registers their attacks.
+from attacks import completion, decoder, fora, gan, ka, rmle, sdar  # noqa: F401,E402
 from attacks.base import (  # noqa: E402
     ATTACKS,
     LEVELS,

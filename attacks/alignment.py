@@ -5,10 +5,10 @@ on the cloud's public auxiliary images so that its features look like the ones t
 recorded, then train an inverse network on the substitute's (feature, image) pairs and apply it
 to the recorded features. They differ only in what "look like" means:
 
-* SDAR (Zhu et al., NDSS 2025, Alg. 1): the frozen tail must classify the substitute's features
+* SDAR (Zhu et al., NDSS 2025): the frozen tail must classify the substitute's features
   (cross-entropy on the auxiliary labels) and a feature discriminator, trained with the binary
   GAN loss, must not tell them from the recorded ones;
-* FORA (Xu et al., CVPR 2024, Eq. 4-6): a domain discriminator trained as a WGAN-GP critic and
+* FORA (Xu et al., CVPR 2024): a domain discriminator trained as a WGAN-GP critic and
   the multi-kernel MMD of Long et al. (ICML 2015, "DAN") between the two feature sets.
 
 So one substitute trainer (:func:`train_substitute`) takes the weight of each term, one critic
@@ -67,7 +67,7 @@ def critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind:
 
     ``"bce"``: binary cross-entropy on logits, real = 1 (SDAR). ``"wgan-gp"``: the critic
     scores real low and fake high, ``mean D(real) - mean D(fake) + gp * penalty`` (FORA's sign
-    convention, Eq. 5, with the gradient penalty of Gulrajani et al.).
+    convention, with the gradient penalty of Gulrajani et al.).
     """
     d_real, d_fake = critic(real), critic(fake)
     if kind == "bce":
@@ -211,7 +211,7 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
     ``h`` are the substitute's pre-defense features of ``aux01``; the public defense is applied
     per batch, so a stochastic one draws fresh noise each time (a noise-aware attacker). The
     loss is the pixel MSE (the papers' and CEM's); with ``image_critic`` and ``image_adv > 0``
-    (SDAR's decoder GAN, Alg. 1), a binary critic also learns to tell auxiliary images from
+    (SDAR's decoder discriminator), a binary critic also learns to tell auxiliary images from
     decodings of ``observed`` features and the decoder is pushed to fool it, so that decodings
     of the victims' features look like real images. Validation: the MSE on held-out images.
     """
@@ -285,7 +285,8 @@ class SubstituteAttack(Attack):
         if ce_weight + adv_weight + mmd_weight <= 0:
             raise ValueError("at least one substitute loss weight must be positive")
         if lr <= 0 or critic_lr <= 0 or decoder_lr <= 0:
-            raise ValueError(f"learning rates must be positive, got {lr}, {critic_lr}, {decoder_lr}")
+            raise ValueError(f"learning rates must be positive, got {lr}, {critic_lr}, "
+                             f"{decoder_lr}")
         if batch_size < 2 or critic_width < 1 or width < 1 or blocks < 0:
             raise ValueError(f"need batch_size >= 2, critic_width >= 1, width >= 1, blocks >= 0; "
                              f"got {batch_size}, {critic_width}, {width}, {blocks}")

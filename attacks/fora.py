@@ -6,16 +6,16 @@ fresh weights) whose features on public auxiliary images match the *distribution
 features it recorded from the victims (the victim's "representation preference"): a domain
 discriminator trained as a WGAN-GP critic tells recorded from substitute features and ``f~``
 learns to fool it, while the multi-kernel MMD (Long et al., ICML 2015) between the two feature
-sets is minimised (Eq. 6: ``L = (1 - a) * L_adv + a * L_mkmmd``). An inverse network trained
-on ``(f~(x_aux), x_aux)`` is then applied to the recorded features. FORA needs neither the tail
-nor labels, which is why it also works on a U-shaped split.
+sets is minimised: the substitute's loss is ``(1 - a) * L_adv + a * L_mkmmd``. An inverse
+network trained on ``(f~(x_aux), x_aux)`` is then applied to the recorded features. FORA needs
+neither the tail nor labels, which is why it also works on a U-shaped split.
 
 Paper / reference defaults (CIFAR-10): ``a = 0.8``, substitute Adam 1e-4, discriminator Adam
 3e-4, gradient penalty 1000, Gaussian kernels with ``sigma^2 = 2^k * mean distance^2`` for
 k = -3..1, batch 64, inverse network Adam 1e-3. Differences here: the substitute trains to
 convergence on held-out data and then the inverse network does (the paper trains both for a
 fixed 10k-40k iterations alongside the victim's training); the substitute's learning rate is
-1e-3, which converges in far fewer epochs on this CPU budget with the same end point; and the
+1e-3, so that it converges within this CPU budget (1e-4 was not compared here); and the
 discriminator and inverse network are narrow (CEM's decoder in place of FORA's).
 """
 
@@ -55,7 +55,8 @@ class Fora(SubstituteAttack):
                  max_epochs: int = 60, patience: int = 4, max_seconds: float = 300.0,
                  device: str = "cpu") -> None:
         if not 0 <= a <= 1:
-            raise ValueError(f"a weighs MK-MMD against the discriminator: need 0 <= a <= 1, got {a}")
+            raise ValueError(f"a weighs MK-MMD against the discriminator: need 0 <= a <= 1, "
+                             f"got {a}")
         super().__init__(ce_weight=0.0, adv_weight=1.0 - a, mmd_weight=a, critic_kind="wgan-gp",
                          gp=gp, lr=lr, critic_lr=critic_lr, batch_size=batch_size,
                          critic_width=critic_width, decoder_lr=decoder_lr, width=width,
