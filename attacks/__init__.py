@@ -1,6 +1,6 @@
 """The adversary: what the curious cloud records, and the attacks it runs on it."""
 
-from attacks import completion, decoder, fsha, gan, gradlabel, ka, rmle  # noqa: F401,E402  (register the attacks)
+from attacks import completion, decoder, fora, fsha, gan, gradlabel, ka, rmle, sdar  # noqa: F401,E402  (register the attacks)
 from attacks.base import (  # noqa: E402
     ATTACKS,
     LEVELS,
