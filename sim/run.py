@@ -12,11 +12,14 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,13 @@ from typing import Any
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
+# Token authentication for every Ray this process starts or joins. Ray reads the mode once per
+# process, when ``ray._raylet`` is first imported (below, through flwr), so it is set here; the
+# token itself is made per run (``_locked_down``). RAY_AUTH_MODE=disabled, set by the user, only
+# serves to join a cluster without authentication (``--ray-address``).
+_AUTH_MODE_GIVEN = "RAY_AUTH_MODE" in os.environ
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -264,15 +274,94 @@ def _quiet_libraries() -> None:
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
+# What a local Ray needs in the environment of the driver and, through it, of every process
+# Ray starts (GCS, raylet, agents, workers): Ray reads these in each of them.
+_LOCAL_RAY_ENV = ("RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+@contextmanager
+def _locked_down(cfg: SimConfig) -> Iterator[None]:
+    """The environment the simulator's own Ray runs in, restored afterwards.
+
+    - Token authentication (``RAY_AUTH_MODE=token``, set when this module is imported) with a
+      fresh random token per run (``RAY_AUTH_TOKEN``, which Ray looks up before
+      ``RAY_AUTH_TOKEN_PATH`` and ``~/.ray/auth_token``): every gRPC and HTTP endpoint of the GCS, raylet, agents and workers
+      refuses a caller without it. The token lives only in the environment of this run's
+      processes: never in config.yaml, the run directory, ``~/.ray`` or a log line.
+    - Loopback only: ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough, Ray 2.55
+      replaces 127.0.0.1 by the machine's outward address (``resolve_ip_for_localhost``) and its
+      servers then listen on every interface. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's
+      single-machine mode (its default on macOS and Windows): the node address stays 127.0.0.1,
+      which the GCS, raylet, workers and runtime-env agent bind. The driver has already imported
+      ``ray_constants``, so its copy of the switch is set too.
+
+    A joined cluster (``--ray-address``) keeps the caller's environment: its nodes hold the token
+    (see the README).
+    """
+    if cfg.ray_address:
+        yield
+        return
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader
+
+    saved = {name: os.environ.get(name) for name in _LOCAL_RAY_ENV}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update({"RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    AuthenticationTokenLoader.instance().reset_cache()  # a token cached by an earlier run in this process
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _start_ray(cfg: SimConfig, namespace: str) -> None:
+    """Start the local Ray (inside :func:`_locked_down`) or join ``--ray-address``.
+
+    Fails closed: no local Ray starts in a process whose Ray is not in token mode (the user set
+    RAY_AUTH_MODE=disabled, or Ray was imported before this module set it).
+    """
     import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray.exceptions import AuthenticationError
 
     common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
     if cfg.ray_address:
-        ray.init(address=cfg.ray_address, **common)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
-                 num_cpus=os.cpu_count(), **common)
+        try:
+            ray.init(address=cfg.ray_address, **common)
+        except (ConnectionError, AuthenticationError) as exc:
+            if not is_token_auth_enabled():
+                hint = ("it may use token authentication: unset RAY_AUTH_MODE (the simulator's default is "
+                        "token) and give this process the cluster's token (see the README, Ray security)")
+            elif isinstance(exc, AuthenticationError) or "auth" in str(exc).lower():
+                hint = ("no valid Ray token: give this process the cluster's token (RAY_AUTH_TOKEN_PATH or "
+                        "~/.ray/auth_token), or, for a cluster without authentication, set "
+                        "RAY_AUTH_MODE=disabled (see the README, Ray security)")
+            else:
+                hint = _one_line(exc)
+            raise ConfigError(cfg.origin("ray_address"), f"cannot join the Ray cluster at {cfg.ray_address}: "
+                              f"{hint}") from None
+        if not is_token_auth_enabled():
+            print(f"warning: the Ray cluster at {cfg.ray_address} is joined without token authentication: "
+                  "whoever reaches its ports can run code in it (see the README, Ray security)", file=sys.stderr)
+        return
+    if not is_token_auth_enabled():
+        why = ("RAY_AUTH_MODE is set to " + repr(os.environ.get("RAY_AUTH_MODE")) if _AUTH_MODE_GIVEN
+               else "Ray was imported before sim.run set RAY_AUTH_MODE")
+        raise ConfigError("RAY_AUTH_MODE", f"the simulator's own Ray runs only with token authentication ({why}); "
+                          "RAY_AUTH_MODE=disabled is for joining a cluster without it (--ray-address)")
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+             num_cpus=os.cpu_count(), **common)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def client_resources(cfg: SimConfig) -> dict[str, float]:
@@ -331,6 +420,14 @@ def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
 
 def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start Ray, the cloud and Flower's simulation; return the server's outcome."""
+    cfg = prep.config
+    t0 = time.perf_counter()
+    with _locked_down(cfg):
+        return _simulate(prep, run_dir, reporter, resume, t0)
+
+
+def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None,
+              t0: float) -> dict[str, Any]:
     import ray
     from flwr.simulation import run_simulation
 
@@ -338,7 +435,6 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
     from sim.server_app import make_server_app
 
     cfg = prep.config
-    t0 = time.perf_counter()
     _start_ray(cfg, f"sim-{run_dir.name}")
     try:
         plan = make_plan(prep, run_dir, reporter, resume)
