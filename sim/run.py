@@ -364,6 +364,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+# Flower's pool hands a dead client actor back to the pool (``RayBackend.process_message``), so
+# every later client sent to it would fail at once: the run would go on at reduced strength.
+# Its actor options are the client resources, so Ray restarts a dead actor (``max_restarts``):
+# the task it was running fails (that client counts as failed, as a simulated failure does)
+# and the next client in the round already gets the fresh actor. Bounded: an actor that keeps
+# dying is left dead, and the round's failures say so.
+ACTOR_RESTARTS = 3
+
+
 def client_resources(cfg: SimConfig) -> dict[str, float]:
     return {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
 
@@ -442,7 +451,7 @@ def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
         try:
             run_simulation(
                 server_app=make_server_app(plan), client_app=client_app, num_supernodes=cfg.clients,
-                backend_config={"client_resources": client_resources(cfg)},
+                backend_config={"client_resources": client_resources(cfg) | {"max_restarts": ACTOR_RESTARTS}},
             )
         except Exception as exc:  # the ServerApp's own failure, re-raised by Flower
             plan.outcome.setdefault("error", exc)
@@ -452,6 +461,29 @@ def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
             ray.shutdown()
     plan.outcome["total_seconds"] = time.perf_counter() - t0
     return plan.outcome
+
+
+def _loss_cause(reason: str) -> str:
+    """Why a client-round was lost, in a few fixed words (the record keeps the full reason)."""
+    if "simulated failure" in reason:
+        return "simulated failure"
+    if any(k in reason for k in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "actor died")):
+        return "client actor died"
+    if "timeout" in reason:
+        return "no reply before the round timeout"
+    return "client error"
+
+
+def lost_client_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client-rounds that did not count, in total and by cause, with the rounds they were in."""
+    by_cause: dict[str, dict[str, Any]] = {}
+    for record in rounds:
+        for failure in record.get("failed", []):
+            entry = by_cause.setdefault(_loss_cause(str(failure.get("reason", ""))), {"count": 0, "rounds": []})
+            entry["count"] += 1
+            if record["round"] not in entry["rounds"]:
+                entry["rounds"].append(record["round"])
+    return {"total": sum(e["count"] for e in by_cause.values()), "by_cause": by_cause}
 
 
 def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -466,6 +498,7 @@ def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dic
         "startup_seconds": outcome.get("startup_seconds"),
         "total_seconds": outcome.get("total_seconds"),
         "client_actors": outcome.get("num_actors"),
+        "client_rounds_lost": lost_client_rounds(rounds),
         "peak_memory_mb": outcome.get("peak_memory_mb"),
         "config": cfg.to_dict(),
     }
