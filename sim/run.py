@@ -14,11 +14,12 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +361,41 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
              num_cpus=os.cpu_count(), **common)
 
 
+def _stop_at_once(run_dir: Path) -> Callable[[int, Any], None]:
+    """The driver's SIGINT/SIGTERM handler while Ray runs: one line, no process left, exit 128+N.
+
+    Left to themselves, Ctrl-C is swallowed inside Flower's simulation loop (the run goes on to
+    the end) and SIGTERM leaves Ray's agents running. Here every process of this run's Ray (all
+    are descendants of the driver: GCS, raylet, agents, workers) is killed and the driver exits
+    at once. That is a crash the checkpoint is made for: it is written atomically after each
+    complete round, so ``--resume`` goes on from the last one and ends with the same numbers.
+    """
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        print(f"error: stopped by {name}; the checkpoint of the last complete round is in {run_dir}: "
+              f"go on with --resume {run_dir}", file=sys.stderr, flush=True)
+        kill_descendants()
+        os._exit(128 + signum)
+
+    return handler
+
+
+def kill_descendants(grace_s: float = 0.0) -> None:
+    """SIGKILL every descendant of this process (the Ray this run started), children last-seen included."""
+    import psutil
+
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=max(grace_s, 5.0))
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -445,6 +481,7 @@ def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
 
     cfg = prep.config
     _start_ray(cfg, f"sim-{run_dir.name}")
+    previous = {sig: signal.signal(sig, _stop_at_once(run_dir)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         plan = make_plan(prep, run_dir, reporter, resume)
         plan.outcome["startup_seconds"] = time.perf_counter() - t0
@@ -459,6 +496,8 @@ def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
         reporter.stop()
         if ray.is_initialized():
             ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     plan.outcome["total_seconds"] = time.perf_counter() - t0
     return plan.outcome
 
