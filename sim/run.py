@@ -621,14 +621,23 @@ def main(argv: list[str] | None = None) -> int:
     return finish(run_dir, prep, outcome, reporter.console)
 
 
+def _describe_failure(error: BaseException) -> str:
+    """One line for what stopped the run; Ray's actor errors span a dozen lines."""
+    text = str(error)
+    if "CloudActor" in text and ("died" in text or "dead" in text):
+        return "the cloud actor died (its worker process exited unexpectedly)"
+    line = _one_line(error)
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def finish(run_dir: Path, prep: Prepared, outcome: dict[str, Any], console: Any) -> int:
     """After training: the summary, then the attack stage and the exported view; the exit code."""
     cfg = prep.config
     error = outcome.get("error")
     summary = write_summary(run_dir, cfg, outcome)
     if error is not None:
-        print(f"error: run failed: {error} (results so far and a checkpoint in {run_dir}; go on with "
-              f"--resume {run_dir})", file=sys.stderr)
+        print(f"error: run failed: {_describe_failure(error)} (results so far and a checkpoint in {run_dir}; "
+              f"go on with --resume {run_dir})", file=sys.stderr)
         return 1
     try:
         if parse_attacks(cfg.attacks):
