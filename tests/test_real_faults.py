@@ -146,3 +146,19 @@ def test_a_stopped_run_says_so_in_one_line_leaves_nothing_and_resumes_exactly(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _accuracies(run_dir) == _accuracies(reference)
     assert without_timings(metrics(run_dir)) == without_timings(metrics(reference))
+
+
+def test_lost_client_rounds_are_counted_by_cause() -> None:
+    """The summary's account, from the reasons the rounds recorded (no Ray needed)."""
+    from sim.run import lost_client_rounds
+
+    rounds = [{"round": 1, "failed": []},
+              {"round": 2, "failed": [{"reason": "simulated failure: the client crashed before batch 3"},
+                                      {"reason": "<class 'ray.exceptions.ActorUnavailableError'>:<'The actor ..."}]},
+              {"round": 3, "failed": [{"reason": "no reply before the timeout"},
+                                      {"reason": "simulated failure: the client crashed before batch 0"}]}]
+    assert lost_client_rounds(rounds) == {"total": 4, "by_cause": {
+        "simulated failure": {"count": 2, "rounds": [2, 3]},
+        "client actor died": {"count": 1, "rounds": [2]},
+        "no reply before the round timeout": {"count": 1, "rounds": [3]}}}
+    assert lost_client_rounds([]) == {"total": 0, "by_cause": {}}
