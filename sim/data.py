@@ -23,7 +23,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import torch
@@ -216,6 +216,74 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 
 # CIFAR pickles -------------------------------------------------------------------------
 
+# The only globals an official CIFAR batch (a Python 2 pickle of a dict of lists, strings and
+# one uint8 array) names, plus numpy's protocol-5 array constructor for batches re-saved by
+# today's numpy. Anything else, ``os.system`` or ``builtins.eval`` in a crafted file, is
+# refused before it is called: ``pickle.load`` would run it.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A data file asked for something that a dataset never contains."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only the globals in ``_CIFAR_GLOBALS``.
+
+    Plain containers and scalars (dict, list, tuple, str, bytes, int, float) need no global;
+    numpy arrays need the constructors above, all of which build data and call nothing else.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes at protocol 2
+            return _latin1_encode
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise RefusedPickle(f"refused: the pickle asks for {module}.{name}; a dataset batch holds only "
+                            "dicts, lists, strings, bytes and numeric numpy arrays")
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``codecs.encode`` restricted to the one codec pickle's bytes need: an arbitrary codec
+    name would make the unpickler import (and run) a module of the ``encodings`` package."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise RefusedPickle(f"refused: the pickle encodes with codec {encoding!r}")
+    return text.encode("latin1")
+
+
+def _check_plain(value: object, depth: int = 0) -> None:
+    """Refuse anything but containers of str/bytes/numbers and numeric arrays (no object arrays)."""
+    if depth > 8:
+        raise RefusedPickle("refused: nested deeper than a dataset batch")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, depth + 1)
+            _check_plain(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if not isinstance(item, (int, float, str, bytes)):  # fast path for long label lists
+                _check_plain(item, depth + 1)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise RefusedPickle(f"refused: a numpy array of dtype {value.dtype}, not of numbers")
+    elif not isinstance(value, (int, float, str, bytes, type(None))):
+        raise RefusedPickle(f"refused: a {type(value).__name__} object")
+
+
+def load_plain_pickle(file: BinaryIO) -> object:
+    """Unpickle a dataset file without running code from it; raises ``RefusedPickle``.
+
+    ``encoding="latin1"``: the official batches are Python 2 pickles (their arrays' raw bytes
+    are Python 2 strings).
+    """
+    value = _DataUnpickler(file, encoding="latin1").load()
+    _check_plain(value)
+    return value
+
 
 def _read_cifar(name: str, folder: Path, train_files: tuple[str, ...], test_file: str,
                 label_key: str, root: Path) -> tuple[np.ndarray, ...]:
@@ -233,7 +301,9 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     """One pickle: ``data`` is (N, 3072) channel-planar rows, labels under ``label_key``."""
     try:
         with path.open("rb") as file:
-            batch = pickle.load(file, encoding="latin1")  # the files are Python 2 pickles
+            batch = load_plain_pickle(file)
+        if not isinstance(batch, dict):
+            raise RefusedPickle(f"a {type(batch).__name__}, not a dict")
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle can fail in many ways
@@ -253,6 +323,8 @@ def _read_svhn(root: Path) -> tuple[np.ndarray, ...]:
         if not (root / file).is_file():
             raise _missing("svhn", root, "torchvision layout", str(root / file))
     from scipy.io import loadmat  # imported here: only SVHN needs it, and it is slow to import
+    # loadmat parses MAT v4/v5 itself (no pickle): a crafted file can hold cells and structs but no
+    # code, and anything but a numeric X and y fails the uint8/int64 conversions below.
     arrays: list[np.ndarray] = []
     for file in _SVHN_FILES:
         try:

@@ -12,11 +12,15 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
+import signal
 import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,13 @@ from typing import Any
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
+# Token authentication for every Ray this process starts or joins. Ray reads the mode once per
+# process, when ``ray._raylet`` is first imported (below, through flwr), so it is set here; the
+# token itself is made per run (``_locked_down``). RAY_AUTH_MODE=disabled, set by the user, only
+# serves to join a cluster without authentication (``--ray-address``).
+_AUTH_MODE_GIVEN = "RAY_AUTH_MODE" in os.environ
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -269,15 +280,138 @@ def _quiet_libraries() -> None:
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
+# What a local Ray needs in the environment of the driver and, through it, of every process
+# Ray starts (GCS, raylet, agents, workers): Ray reads these in each of them.
+_LOCAL_RAY_ENV = ("RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+@contextmanager
+def _locked_down(cfg: SimConfig) -> Iterator[None]:
+    """The environment the simulator's own Ray runs in, restored afterwards.
+
+    - Token authentication (``RAY_AUTH_MODE=token``, set when this module is imported) with a
+      fresh random token per run (``RAY_AUTH_TOKEN``, which Ray looks up before
+      ``RAY_AUTH_TOKEN_PATH`` and ``~/.ray/auth_token``): every gRPC and HTTP endpoint of the GCS, raylet, agents and workers
+      refuses a caller without it. The token lives only in the environment of this run's
+      processes: never in config.yaml, the run directory, ``~/.ray`` or a log line.
+    - Loopback only: ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough, Ray 2.55
+      replaces 127.0.0.1 by the machine's outward address (``resolve_ip_for_localhost``) and its
+      servers then listen on every interface. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's
+      single-machine mode (its default on macOS and Windows): the node address stays 127.0.0.1,
+      which the GCS, raylet, workers and runtime-env agent bind. The driver has already imported
+      ``ray_constants``, so its copy of the switch is set too.
+
+    A joined cluster (``--ray-address``) keeps the caller's environment: its nodes hold the token
+    (see the README).
+    """
+    if cfg.ray_address:
+        yield
+        return
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader
+
+    saved = {name: os.environ.get(name) for name in _LOCAL_RAY_ENV}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update({"RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    AuthenticationTokenLoader.instance().reset_cache()  # a token cached by an earlier run in this process
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _start_ray(cfg: SimConfig, namespace: str) -> None:
+    """Start the local Ray (inside :func:`_locked_down`) or join ``--ray-address``.
+
+    Fails closed: no local Ray starts in a process whose Ray is not in token mode (the user set
+    RAY_AUTH_MODE=disabled, or Ray was imported before this module set it).
+    """
     import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray.exceptions import AuthenticationError
 
     common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
     if cfg.ray_address:
-        ray.init(address=cfg.ray_address, **common)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
-                 num_cpus=os.cpu_count(), **common)
+        try:
+            ray.init(address=cfg.ray_address, **common)
+        except (ConnectionError, AuthenticationError) as exc:
+            if not is_token_auth_enabled():
+                hint = ("it may use token authentication: unset RAY_AUTH_MODE (the simulator's default is "
+                        "token) and give this process the cluster's token (see the README, Ray security)")
+            elif isinstance(exc, AuthenticationError) or "auth" in str(exc).lower():
+                hint = ("no valid Ray token: give this process the cluster's token (RAY_AUTH_TOKEN_PATH or "
+                        "~/.ray/auth_token), or, for a cluster without authentication, set "
+                        "RAY_AUTH_MODE=disabled (see the README, Ray security)")
+            else:
+                hint = _one_line(exc)
+            raise ConfigError(cfg.origin("ray_address"), f"cannot join the Ray cluster at {cfg.ray_address}: "
+                              f"{hint}") from None
+        if not is_token_auth_enabled():
+            print(f"warning: the Ray cluster at {cfg.ray_address} is joined without token authentication: "
+                  "whoever reaches its ports can run code in it (see the README, Ray security)", file=sys.stderr)
+        return
+    if not is_token_auth_enabled():
+        why = ("RAY_AUTH_MODE is set to " + repr(os.environ.get("RAY_AUTH_MODE")) if _AUTH_MODE_GIVEN
+               else "Ray was imported before sim.run set RAY_AUTH_MODE")
+        raise ConfigError("RAY_AUTH_MODE", f"the simulator's own Ray runs only with token authentication ({why}); "
+                          "RAY_AUTH_MODE=disabled is for joining a cluster without it (--ray-address)")
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+             num_cpus=os.cpu_count(), **common)
+
+
+def _stop_at_once(run_dir: Path) -> Callable[[int, Any], None]:
+    """The driver's SIGINT/SIGTERM handler while Ray runs: one line, no process left, exit 128+N.
+
+    Left to themselves, Ctrl-C is swallowed inside Flower's simulation loop (the run goes on to
+    the end) and SIGTERM leaves Ray's agents running. Here every process of this run's Ray (all
+    are descendants of the driver: GCS, raylet, agents, workers) is killed and the driver exits
+    at once. That is a crash the checkpoint is made for: it is written atomically after each
+    complete round, so ``--resume`` goes on from the last one and ends with the same numbers.
+    """
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        print(f"error: stopped by {name}; the checkpoint of the last complete round is in {run_dir}: "
+              f"go on with --resume {run_dir}", file=sys.stderr, flush=True)
+        kill_descendants()
+        os._exit(128 + signum)
+
+    return handler
+
+
+def kill_descendants(grace_s: float = 0.0) -> None:
+    """SIGKILL every descendant of this process (the Ray this run started), children last-seen included."""
+    import psutil
+
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=max(grace_s, 5.0))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# Flower's pool hands a dead client actor back to the pool (``RayBackend.process_message``), so
+# every later client sent to it would fail at once: the run would go on at reduced strength.
+# Its actor options are the client resources, so Ray restarts a dead actor (``max_restarts``):
+# the task it was running fails (that client counts as failed, as a simulated failure does)
+# and the next client in the round already gets the fresh actor. Bounded: an actor that keeps
+# dying is left dead, and the round's failures say so.
+ACTOR_RESTARTS = 3
 
 
 def client_resources(cfg: SimConfig) -> dict[str, float]:
@@ -338,6 +472,14 @@ def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
 
 def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start Ray, the cloud and Flower's simulation; return the server's outcome."""
+    cfg = prep.config
+    t0 = time.perf_counter()
+    with _locked_down(cfg):
+        return _simulate(prep, run_dir, reporter, resume, t0)
+
+
+def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any] | None,
+              t0: float) -> dict[str, Any]:
     import ray
     from flwr.simulation import run_simulation
 
@@ -345,15 +487,15 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
     from sim.server_app import make_server_app
 
     cfg = prep.config
-    t0 = time.perf_counter()
     _start_ray(cfg, f"sim-{run_dir.name}")
+    previous = {sig: signal.signal(sig, _stop_at_once(run_dir)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         plan = make_plan(prep, run_dir, reporter, resume)
         plan.outcome["startup_seconds"] = time.perf_counter() - t0
         try:
             run_simulation(
                 server_app=make_server_app(plan), client_app=client_app, num_supernodes=cfg.clients,
-                backend_config={"client_resources": client_resources(cfg)},
+                backend_config={"client_resources": client_resources(cfg) | {"max_restarts": ACTOR_RESTARTS}},
             )
         except Exception as exc:  # the ServerApp's own failure, re-raised by Flower
             plan.outcome.setdefault("error", exc)
@@ -361,8 +503,33 @@ def simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, Any
         reporter.stop()
         if ray.is_initialized():
             ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     plan.outcome["total_seconds"] = time.perf_counter() - t0
     return plan.outcome
+
+
+def _loss_cause(reason: str) -> str:
+    """Why a client-round was lost, in a few fixed words (the record keeps the full reason)."""
+    if "simulated failure" in reason:
+        return "simulated failure"
+    if any(k in reason for k in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "actor died")):
+        return "client actor died"
+    if "timeout" in reason:
+        return "no reply before the round timeout"
+    return "client error"
+
+
+def lost_client_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client-rounds that did not count, in total and by cause, with the rounds they were in."""
+    by_cause: dict[str, dict[str, Any]] = {}
+    for record in rounds:
+        for failure in record.get("failed", []):
+            entry = by_cause.setdefault(_loss_cause(str(failure.get("reason", ""))), {"count": 0, "rounds": []})
+            entry["count"] += 1
+            if record["round"] not in entry["rounds"]:
+                entry["rounds"].append(record["round"])
+    return {"total": sum(e["count"] for e in by_cause.values()), "by_cause": by_cause}
 
 
 def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +544,7 @@ def write_summary(run_dir: Path, cfg: SimConfig, outcome: dict[str, Any]) -> dic
         "startup_seconds": outcome.get("startup_seconds"),
         "total_seconds": outcome.get("total_seconds"),
         "client_actors": outcome.get("num_actors"),
+        "client_rounds_lost": lost_client_rounds(rounds),
         "peak_memory_mb": outcome.get("peak_memory_mb"),
         "config": cfg.to_dict(),
     }
@@ -463,14 +631,23 @@ def main(argv: list[str] | None = None) -> int:
     return finish(run_dir, prep, outcome, reporter.console)
 
 
+def _describe_failure(error: BaseException) -> str:
+    """One line for what stopped the run; Ray's actor errors span a dozen lines."""
+    text = str(error)
+    if "CloudActor" in text and ("died" in text or "dead" in text):
+        return "the cloud actor died (its worker process exited unexpectedly)"
+    line = _one_line(error)
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def finish(run_dir: Path, prep: Prepared, outcome: dict[str, Any], console: Any) -> int:
     """After training: the summary, then the attack stage and the exported view; the exit code."""
     cfg = prep.config
     error = outcome.get("error")
     summary = write_summary(run_dir, cfg, outcome)
     if error is not None:
-        print(f"error: run failed: {error} (results so far and a checkpoint in {run_dir}; go on with "
-              f"--resume {run_dir})", file=sys.stderr)
+        print(f"error: run failed: {_describe_failure(error)} (results so far and a checkpoint in {run_dir}; "
+              f"go on with --resume {run_dir})", file=sys.stderr)
         return 1
     try:
         if parse_attacks(cfg.attacks):

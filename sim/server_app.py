@@ -72,6 +72,41 @@ class GroupGrid:
         return getattr(self._grid, name)
 
 
+# How long a restarting client actor may take to come back (a fresh worker imports torch and
+# Flower, slow on a loaded machine) before the run stops instead of going on without it.
+ACTOR_RECOVERY_S = 300.0
+
+
+def await_client_actors(r: int, timeout: float = ACTOR_RECOVERY_S) -> None:
+    """Before round ``r``: every client actor of this job is alive, or the run stops.
+
+    Ray restarts a dead client actor (``sim.run.ACTOR_RESTARTS``), but a client sent to it while
+    it restarts fails at once; waiting here keeps every round after the one it died in at full
+    strength. An actor that is dead for good (restarts used up) or not back in ``timeout`` raises
+    ``RunFailure``: the run stops with the checkpoint of round ``r - 1``, resumable, rather than
+    going on with fewer actors. The actor table is the GCS's (``ray._private.state``), the only
+    one that works with the dashboard off; a ServerApp in another job (``flwr run``) sees none.
+    """
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [a["State"] for a in state.actors().values()
+                  if a.get("ActorClassName") == "ClientAppActor" and a.get("JobID") == job]
+        dead = states.count("DEAD")
+        if dead:
+            raise RunFailure(f"round {r}: {dead} of {len(states)} client actors died for good (restarted "
+                             "too often); the actor pool cannot recover")
+        if all(s == "ALIVE" for s in states):
+            return
+        if time.monotonic() > deadline:
+            waiting = len(states) - states.count("ALIVE")
+            raise RunFailure(f"round {r}: {waiting} of {len(states)} client actors not back {timeout:.0f} s "
+                             "after they died; the actor pool cannot recover")
+        time.sleep(0.5)
+
+
 def lost(reply: Message) -> bool:
     """A reply that stands for none: a client that vanished (``--client-failure-rate``)
     reports so only to let its actor go on at once; the server must not hear of it."""
@@ -245,6 +280,7 @@ class Federation:
         # the line of a round whose checkpoint it did not finish)
         metrics_path.write_text("".join(json.dumps(rec) + "\n" for rec in self.records))
         for r in range(len(self.records) + 1, self.cfg.rounds + 1):
+            await_client_actors(r)
             record = self._round(r)
             self.records.append(record)
             with metrics_path.open("a") as f:

@@ -20,9 +20,10 @@ from sim.run import Prepared, prepare
 SMALL = ["--clients", "4", "--rounds", "2", "--train-subset", "2000", "--batch-size", "32", "--attacks", "none"]
 
 
-def run_cli(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(out: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m sim.run`` in a subprocess; ``env`` replaces the environment (e.g. a cluster's token)."""
     return subprocess.run([sys.executable, "-m", "sim.run", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def run_sim(out: Path, *args: str) -> Path:

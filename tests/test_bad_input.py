@@ -15,6 +15,7 @@ the run's folder untouched), and a NaN loss from a huge learning rate, found dur
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import socket
 import struct
@@ -348,6 +349,31 @@ def test_bad_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str], case:
     build, expected = DATA[case]
     rc, err = run_main(capsys, tmp_path / "runs", *build(tmp_path))
     assert_one_clean_line(rc, err, expected, tmp_path / "runs")
+
+
+class _RunsACommand:
+    """Unpickles to ``os.system(command)``: what a crafted file in ``--data-root`` can do to plain pickle."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("where", ["top level", "inside the batch dict"])
+def test_crafted_cifar_pickle_is_refused_without_running_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            where: str) -> None:
+    """A CIFAR batch that would run a shell command on ``pickle.load`` is refused, and the command never runs."""
+    marker = tmp_path / "the-command-ran"
+    payload = _RunsACommand(f"touch {marker}")
+    batch = payload if where == "top level" else {"data": payload, "labels": [0]}
+    (make_cifar10(tmp_path / "data") / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    rc, err = run_main(capsys, tmp_path / "runs", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"))
+    line = assert_one_clean_line(rc, err, "data_batch_2: cannot read CIFAR batch (refused: the pickle asks for "
+                                 f"{os.system.__module__}.system", tmp_path / "runs")
+    assert "numeric numpy arrays" in line
+    assert not marker.exists(), "the crafted pickle ran its command"
 
 
 def test_fake_data_roots_load_before_damage(tmp_path: Path) -> None:

@@ -3,14 +3,17 @@
 Two ``ray start --block`` processes (a head and a second node, 1 CPU each, node address
 127.0.0.1, no dashboard, their own temp dir) form the cluster; the simulation joins it by address.
 Both are stopped by the process ids this test started, never by ``ray stop`` (which would also stop
-any other Ray on the machine). Ray 2.55's GCS, raylets and workers still listen on all interfaces:
-``--node-ip-address`` sets the address they advertise, not the one they bind.
+any other Ray on the machine). The cluster uses token authentication as the README tells users to:
+``RAY_AUTH_MODE=token`` and one token file (``RAY_AUTH_TOKEN_PATH``, mode 0600) for both nodes and
+the driver that joins; a driver without it is refused.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,16 +42,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+TOKEN_FILE = Path(tempfile.mkdtemp(prefix="ray-token-")) / "auth_token"
+atexit.register(shutil.rmtree, TOKEN_FILE.parent, True)
+
+
 def _node_env() -> dict[str, str]:
-    """The nodes' environment: workers must import this checkout's code.
+    """The nodes' (and the joining driver's) environment: this checkout's code and the cluster's token.
 
     On a real cluster the code must sit at the same path on every machine (Ray adds the driver's
     working directory to its workers' sys.path); here the venv's editable install points at another
     checkout, so PYTHONPATH pins this one. RAY_ADDRESS is dropped so nothing joins a foreign cluster.
+    The token file is made once per test session, readable by this user only.
     """
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if not TOKEN_FILE.exists():
+        TOKEN_FILE.touch(mode=0o600)
+        TOKEN_FILE.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
     return env
 
 
@@ -216,7 +229,7 @@ def test_simulation_runs_across_a_two_node_cluster(two_node_cluster: Cluster, tm
     out = tmp_path / "runs"
     with ActorWatch(two_node_cluster) as watch:
         proc = run_cli(out, *SMALL, "--protocol", "sflv2", "--client-cpus", "0.6",
-                       "--ray-address", two_node_cluster.address, timeout=420)
+                       "--ray-address", two_node_cluster.address, timeout=420, env=_node_env())
     print(f"ray actors seen per node: {watch.seen}")
     assert proc.returncode == 0, proc.stderr[-3000:] + two_node_cluster.log_tail()
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
@@ -228,3 +241,14 @@ def test_simulation_runs_across_a_two_node_cluster(two_node_cluster: Cluster, tm
     for node, titles in watch.seen.items():
         assert any(t.startswith("ray::ClientAppActor.run") for t in titles), (node, watch.seen)
     assert any(t.startswith("ray::CloudActor") for titles in watch.seen.values() for t in titles), watch.seen
+
+
+@pytest.mark.slow
+def test_joining_without_the_clusters_token_is_one_line(two_node_cluster: Cluster, tmp_path: Path) -> None:
+    """A driver that lacks the cluster's token is refused by it: one line naming what to set, exit 2."""
+    env = {k: v for k, v in _node_env().items() if not k.startswith("RAY_AUTH_TOKEN")} | {"HOME": str(tmp_path)}
+    proc = run_cli(tmp_path / "runs", *SMALL, "--ray-address", two_node_cluster.address, timeout=300, env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith("error: --ray-address: cannot join"), proc.stderr[-3000:]
+    assert "token" in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 import struct
 import time
 import warnings
@@ -176,6 +177,32 @@ def test_fake_cifar10_pickles(tmp_path: Path) -> None:
     assert data.train_x[0, 0, 0, 1] == data_rows[0, 1024]
     assert data.train_x[5, 2, 3, 2] == data_rows[5, 2048 + 2 * 32 + 3]
     assert len(data.mean) == 3 and all(0.4 < m < 0.6 for m in data.mean)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_batches_load_through_the_restricted_unpickler(tmp_path: Path, protocol: int) -> None:
+    """The batch layouts numpy writes at every pickle protocol still load (the official files are
+    protocol 2 and name ``numpy.core.multiarray``, numpy 1's module path), and nothing else does."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+    batch = {"batch_label": "training batch 1 of 5", "data": rows, "labels": [3, 7],
+             "filenames": ["a.png", "b.png"]}
+    raw = pickle.dumps(batch, protocol=protocol)
+    if protocol <= 3:  # GLOBAL names are newline-ended text there (from 4 on, length-prefixed)
+        raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(raw)
+    data = load_dataset("cifar10", str(tmp_path))
+    assert data.train_y.tolist() == [3, 7] * 5
+    assert data.train_x[1, 0, 1, 0] == rows[1, 1]
+    bad = tmp_path / "bad"  # another root: loaded datasets are cached per (name, root)
+    shutil.copytree(folder, bad / folder.name)
+    objects = np.array([None] * 3072, dtype=object).reshape(1, -1)  # an array that needs no global
+    (bad / folder.name / "test_batch").write_bytes(pickle.dumps({"data": objects, "labels": [0]}, protocol=protocol))
+    with pytest.raises(DataError, match="test_batch: cannot read CIFAR batch .refused: a numpy array of dtype object"):
+        load_dataset("cifar10", str(bad))
 
 
 def test_fake_cifar100_uses_fine_labels(tmp_path: Path) -> None:
