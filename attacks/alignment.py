@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Attack, AttackError, Knowledge
-from attacks.decoder import decode
+from attacks.decoder import decode, reconstruction_loss
 from attacks.gan import Critic, gradient_penalty
 from attacks.models import build_decoder
 from attacks.training import Budget, Curve, fit_until_converged, split_validation
@@ -204,16 +204,17 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
                     aux01: torch.Tensor, aux_split: tuple[torch.Tensor, torch.Tensor], *,
                     budget: Budget, batch_size: int, lr: float, weight_decay: float = 1e-4,
                     image_critic: nn.Module | None = None, image_adv: float = 0.0,
-                    observed: torch.Tensor | None = None,
+                    observed: torch.Tensor | None = None, ssim_weight: float = 0.05,
                     device: str | torch.device = "cpu", name: str = "inversion") -> Curve:
     """Fit ``decoder`` to map ``defense(h)`` (the substitute's features) back to the images.
 
     ``h`` are the substitute's pre-defense features of ``aux01``; the public defense is applied
     per batch, so a stochastic one draws fresh noise each time (a noise-aware attacker). The
-    loss is the pixel MSE (the papers' and CEM's); with ``image_critic`` and ``image_adv > 0``
+    loss is the decoder attack's (:func:`attacks.decoder.reconstruction_loss`: MSE plus
+    ``ssim_weight`` (1 - SSIM); the papers use the MSE alone, ``ssim_weight=0``); with ``image_critic`` and ``image_adv > 0``
     (SDAR's decoder discriminator), a binary critic also learns to tell auxiliary images from
     decodings of ``observed`` features and the decoder is pushed to fool it, so that decodings
-    of the victims' features look like real images. Validation: the MSE on held-out images.
+    of the victims' features look like real images. Validation: that loss on held-out images.
     """
     aux_train, aux_val = aux_split
     decoder.to(device).train()
@@ -236,8 +237,8 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
             x = aux01[idx].to(device)
             with torch.no_grad():
                 z = defense(h[idx])
-            mse = F.mse_loss(decoder(z), x)
-            loss = mse
+            recon = reconstruction_loss(decoder(z), x, ssim_weight)
+            loss = recon
             if use_gan:
                 z_obs = observed[torch.randint(len(observed), (len(idx),))].to(device)
                 fake = decoder(z_obs)
@@ -247,7 +248,7 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
             opt.step()
             if use_gan:
                 critic_step(image_critic, opt_c, x, fake, "bce")
-            total, seen = total + float(mse.detach()) * len(idx), seen + len(idx)
+            total, seen = total + float(recon.detach()) * len(idx), seen + len(idx)
         return total / max(seen, 1)
 
     def validate() -> float:
@@ -255,9 +256,9 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
             total = 0.0
             for i in range(0, len(aux_val), 512):
                 idx = aux_val[i:i + 512]
-                total += float(F.mse_loss(decoder(defense(h[idx])), aux01[idx].to(device),
-                                          reduction="sum"))
-        return total / (len(aux_val) * aux01[0].numel())
+                total += float(reconstruction_loss(decoder(defense(h[idx])), aux01[idx].to(device),
+                                                   ssim_weight)) * len(idx)
+        return total / len(aux_val)
 
     return fit_until_converged(modules, optimizers, epoch, validate, budget, name=name)
 
