@@ -299,6 +299,19 @@ def per_round_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def lost_rounds_lines(summary_path: Path) -> list[str]:
+    """The client-rounds that did not count in training (failures, dead actors), by cause, as
+    ``summary.json``'s ``client_rounds_lost`` has them: leakage and accuracy rest on the rest."""
+    if not summary_path.is_file():
+        return []
+    lost = json.loads(summary_path.read_text()).get("client_rounds_lost") or {}
+    if not lost.get("total"):
+        return ["Client-rounds lost in training: none.", ""]
+    causes = "; ".join(f"{cause}: {e['count']} (rounds {', '.join(map(str, e['rounds']))})"
+                       for cause, e in lost["by_cause"].items())
+    return [f"Client-rounds lost in training: {lost['total']} ({causes}).", ""]
+
+
 def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, Any],
                  means: dict[str, Any], seconds: dict[str, float], final_round: int,
                  curves: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
@@ -357,6 +370,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
                 lines.append(f"| {attack} | {group} | {m.get('accuracy', float('nan')):.3f} | "
                              f"{m['completion_accuracy']:.3f} | {m['scratch_accuracy']:.3f} |")
         lines.append("")
+    lines += lost_rounds_lines(run_dir / "summary.json")
     winners = [r["ssim_attack"] for r in rows if r["attack"] == WORST and r["round"] == final_round]
     if winners:
         counts = ", ".join(f"{a} {winners.count(a)}" for a in dict.fromkeys(winners))

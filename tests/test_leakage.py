@@ -71,6 +71,7 @@ def test_report_figures_and_summary(attacked_run):
     assert fit["stopped"] in ("converged", "epoch cap", "time cap") and 1 <= len(fit["val"]) <= 3
     assert summary["leakage"]["decoder"]["all"]["ssim"] > 0
     report = (run_dir / "report.md").read_text()
+    assert "Client-rounds lost in training: none." in report
     figures = [line[line.index("(") + 1:-1] for line in report.splitlines() if line.startswith("![")]
     assert len(figures) >= 7
     for name in figures:
