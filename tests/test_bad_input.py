@@ -123,8 +123,8 @@ FLAGS: dict[str, tuple[list[str], str]] = {
     "parameter given twice": (["--defense", "noise(sigma=0.1, sigma=0.2)"], "'sigma' is given twice"),
     "positional defense parameter": (["--defense", "noise(0.1)"], "noise: use keyword arguments"),
     "prediction leakage on a vanilla split": (["--defense", "noise(sigma=0.01)+infoscissors(lam_y=1)"],
-                                              "defense: 'noise(sigma=0.01)+infoscissors(lam_y=1)' regularises "
-                                              "the cloud's output, which only --split ushaped"),
+                                              "defense: 'noise(sigma=0.01)+infoscissors(lam_y=1)' works on "
+                                              "the cloud's output or its gradient, which only --split ushaped"),
     # strategy specs
     "unknown strategy": (["--strategy", "FedNope"], "unknown strategy"),
     "strategy module missing": (["--strategy", "nosuch.module:X"], "nosuch.module"),
