@@ -26,9 +26,9 @@ def run_cli(out: Path, *args: str, timeout: float = 600, env: dict[str, str] | N
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def run_sim(out: Path, *args: str) -> Path:
+def run_sim(out: Path, *args: str, timeout: float = 600) -> Path:
     """Run a simulation that must succeed; return its run directory."""
-    proc = run_cli(out, *args)
+    proc = run_cli(out, *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dirs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(dirs) == 1, dirs

@@ -82,8 +82,9 @@ def _ssim(rows: list[dict[str, str]], attack: str, round_: int) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("fsha")
-    hijacked = run_sim(out / "hijack", *RUN, "--adversary", "hijack", "--attacks", f"fsha,{DECODER}")
-    honest = run_sim(out / "honest", *RUN, "--attacks", DECODER)
+    # The hijacking cloud trains three networks per batch: its rounds are several times slower.
+    hijacked = run_sim(out / "hijack", *RUN, "--adversary", "hijack", "--attacks", f"fsha,{DECODER}", timeout=2400)
+    honest = run_sim(out / "honest", *RUN, "--attacks", DECODER, timeout=1200)
     return hijacked, honest
 
 
