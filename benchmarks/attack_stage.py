@@ -12,7 +12,15 @@ counts. The printed ratio is the stage's seconds over the direct fit's.
     python -m benchmarks.attack_stage                 # the two runs of the table below
     python -m benchmarks.attack_stage --runs small    # only the 10-client undefended run
 
-Measured on the 2-core machine (see the closing table in docs/results-attack-stage.md).
+Why the stage once looked ten times slower than the same decoder alone (profiled on the 2-core
+machine, 10 clients, 1 round, 5000 samples, undefended): ``--attacks decoder`` built the class's
+own defaults (CEM's full decoder: 50 epochs, width 64, 8 blocks, batch 256; 29.7 s an epoch, so
+about 25 minutes), while the comparison used the config's default spec (5 epochs, width 32, 2
+blocks, batch 64: 39 s alone, 48 s as the stage after Flower and Ray). Two defaults for one name;
+now there is one. Second, on busy cores torch's two OpenMP threads spin against each other (the
+oneDNN reorders and kernel time seen in py-spy): 30 decoder steps took 4.2 s on one thread and
+39.8 s on two under load, so the stage now measures the faster thread count before each fit
+(``attacks.threads``). The ratios of this benchmark on a quiet machine are still to be recorded.
 """
 
 from __future__ import annotations
