@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Attack, AttackError, Knowledge, register
-from attacks.decoder import decode
+from attacks.decoder import decode, reconstruction_loss
 from attacks.models import build_decoder
 from sim.models import SplitSpec, build_head, load_numpy_state, normalise, state_to_numpy
 
@@ -51,6 +50,7 @@ AUX_BATCH = 64  # the paper's batch size
 AE_STEPS = 1  # autoencoder steps per client batch
 D_STEPS = 2  # critic steps per client batch
 PRETRAIN = 300  # autoencoder steps before the first client batch
+SSIM_WEIGHT = 0.05  # the autoencoder trains on the decoder attack's loss (MSE plus SSIM term)
 
 
 def build_inverse(spec: SplitSpec) -> nn.Module:
@@ -114,7 +114,7 @@ class Hijacker:
         self.inverse.train()
         for _ in range(AE_STEPS + (self.pretrain if self.step == 1 else 0)):
             idx = self._aux_batch(gen)
-            loss = F.mse_loss(self.inverse(self.pilot(self.aux_in[idx])), self.aux01[idx])
+            loss = reconstruction_loss(self.inverse(self.pilot(self.aux_in[idx])), self.aux01[idx], SSIM_WEIGHT)
             self.opt_ae.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_ae.step()
