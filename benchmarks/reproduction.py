@@ -9,7 +9,7 @@ loss adds ``defense.loss(x, z, y)``, ``on_epoch_end`` gets eval-mode clean featu
 first epoch and after each one), with Adam 1e-3 as in ``sim.cloud.make_optimizer``. The attack
 is the simulator's ``decoder`` attack with query access: the attacker has a disjoint public
 part of the test set processed by the trained head and defense (fresh noise per query) and is
-scored on the rest of the test set, as in the calibration (shared/notes/calibration.md).
+scored on the rest of the test set, as in the calibration.
 With ``ka=True`` the same victims' features are also attacked by Knowledge Alignment (``ka``,
 knowledge level "none": only the trained tail and the labelled public images), a decoder whose
 surrogate head is aligned through the tail instead of queried.

@@ -30,8 +30,8 @@ What this implementation does, and why:
   (z_j − μ_ckj)² (the second moment around the fixed centroid, so one member already gives an
   unbiased estimate); term = π_ck · mean_j log(v_ckj + σ²), π_ck from the fit; L_C = mean over the
   classes present of Σ_k term. This is the paper-faithful diagonal objective (CEM repo's older
-  ``model_training_GMM.py`` form, spec A.4 "older variant", the form calibrated in
-  shared/notes/calibration.md). The released repo's blending with the stored v̄, its hinge and
+  ``model_training_GMM.py`` form, the "older variant", the form calibrated here
+  on Fashion-MNIST). The released repo's blending with the stored v̄, its hinge and
   γ = 0.01 (spec A.4) are *not* used: they are variance reduction and a floor specific to the
   repo's LR-rescaled gradient, and the plain form is the one the calibration measured.
 * **CEM off in the first epoch** (spec A.4 "e >= 2", D.2): the loss is 0 until centroids exist,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-import torch  # noqa: F401  (ArrayRecord's torch conversions need torch imported; notes pitfall 2)
+import torch  # noqa: F401  (ArrayRecord's torch conversions need torch imported; Flower 1.42)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update

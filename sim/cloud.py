@@ -2,7 +2,7 @@
 
 :class:`CloudSession` is the one place that runs the tail on received features and records
 them: one client's exchange with the cloud during one round. Where it runs depends on the
-protocol (DESIGN.md, data plane):
+protocol:
 
 * ``sflv1`` (a tail copy per client, averaged after the round): the session runs co-located in
   the client's actor on a copy of the global tail (no per-batch remote call), then
@@ -178,7 +178,7 @@ class CloudActor:
     """The cloud as a named Ray actor: global tails, the SFL-v2 shared tail, the recorded view.
 
     It asks for no CPU of its own: Flower sizes its client actor pool from the cluster's total
-    CPUs, and a cloud holding a CPU would starve that pool (shared/notes/flower-ray.md).
+    CPUs, and a cloud holding a CPU would starve that pool: a cloud actor asking for one CPU hung forever.
     """
 
     def __init__(self, setup: dict[str, Any], tails: dict[int, dict[str, np.ndarray]]) -> None:

@@ -1,6 +1,6 @@
 """Bad input gets one line saying what and where, exit code 2, no traceback, no run directory.
 
-DESIGN.md's habit, checked case by case: CLI flags, YAML files, defense, strategy and attack
+The project's habit, checked case by case: CLI flags, YAML files, defense, strategy and attack
 specs, data roots with damaged files, output places that cannot be written, values that point
 outside the process. Each case asserts exit code 2, exactly one non-empty stderr line starting
 with ``error:``, a distinctive substring naming the flag, field or file to fix, and that the
