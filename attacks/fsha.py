@@ -39,6 +39,7 @@ from torch import nn
 
 from attacks.base import Attack, AttackError, Knowledge, register
 from attacks.decoder import decode, reconstruction_loss
+from attacks.gan import gradient_penalty
 from attacks.models import build_decoder
 from sim.models import SplitSpec, build_head, load_numpy_state, normalise, state_to_numpy
 
@@ -68,6 +69,12 @@ def build_discriminator(feature_shape: tuple[int, int, int], width: int = 64) ->
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
         nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
         nn.Flatten(), nn.Linear(2 * width * half(half(h)) * half(half(w)), 1))
+
+
+def _penalty(critic: nn.Module, a: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """WGAN-GP on interpolates of the first ``min(len(a), len(b))`` rows of each batch."""
+    n = min(len(a), len(b))
+    return gradient_penalty(critic, a[:n], b[:n], generator=gen)
 
 
 class Hijacker:
@@ -123,19 +130,11 @@ class Hijacker:
             with torch.no_grad():
                 z_pub = self.pilot(self.aux_in[self._aux_batch(gen)[: len(z)]])
             d_loss = self.critic(z_pub).mean() - self.critic(z_priv).mean()
-            d_loss = d_loss + GP_WEIGHT * self._gradient_penalty(z_priv, z_pub, gen)
+            d_loss = d_loss + GP_WEIGHT * _penalty(self.critic, z_priv, z_pub, gen)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
         return grad
-
-    def _gradient_penalty(self, a: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """WGAN-GP (Gulrajani et al.): (||grad D(x_hat)|| - 1)^2 on random interpolates."""
-        n = min(len(a), len(b))
-        eps = torch.rand((n, 1, 1, 1), generator=gen).to(self.device)
-        x_hat = (eps * a[:n] + (1 - eps) * b[:n]).requires_grad_(True)
-        (g,) = torch.autograd.grad(self.critic(x_hat).sum(), x_hat, create_graph=True)
-        return ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
     def attack_models(self) -> dict[str, dict[str, np.ndarray]]:
         """What the stage's ``fsha`` attack needs: the inverse network's weights."""

@@ -45,9 +45,17 @@ class Critic(nn.Module):
         return self.body(x).flatten()
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """WGAN-GP: (||grad critic(x_hat)|| - 1)^2 on random interpolates of real and fake."""
-    eps = torch.rand(len(real), 1, 1, 1, device=real.device)
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP: (||grad critic(x_hat)|| - 1)^2 on random interpolates of real and fake.
+
+    The interpolation weights come from torch's global generator, or from ``generator`` (a CPU
+    generator) where the caller keeps its own seeded stream.
+    """
+    if generator is None:
+        eps = torch.rand(len(real), 1, 1, 1, device=real.device)
+    else:
+        eps = torch.rand((len(real), 1, 1, 1), generator=generator).to(real.device)
     mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
