@@ -148,6 +148,7 @@ def results(data, aux, setups, scorer):
 # ------------------------------------------------------------------------ attacks
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_decoder_far_above_baseline_and_hurt_by_noise(results):
     clean = results("decoder", "none", **DECODER)
@@ -167,6 +168,7 @@ def test_rmle_above_baseline_and_hurt_by_noise(results):
     assert noisy["ssim"] < clean["ssim"] - 0.03
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_ka_above_baseline_but_weaker_than_decoder(results):
     ka = results("ka", "none", head_epochs=1, **DECODER)
@@ -176,6 +178,7 @@ def test_ka_above_baseline_but_weaker_than_decoder(results):
     assert ka["ssim"] < decoder["ssim"]
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_gan_refinement_runs_and_beats_knowing_nothing(results):
     """CEM's WGAN-GP refinement of the decoder, scaled down: it must run and stay a real

@@ -52,14 +52,17 @@ def mean(rows: list[dict], key: str, attack: str) -> float:
     return float(np.mean([float(r[key]) for r in rows if r["attack"] == attack]))
 
 
-@pytest.mark.parametrize("run", ["passive", "sflv1"])
+RUNS = [pytest.param("passive", marks=pytest.mark.slow), "sflv1"]  # the pmc run takes 36 s
+
+
+@pytest.mark.parametrize("run", RUNS)
 def test_ushaped_learns(request, run):
     records = metrics(request.getfixturevalue(run))
     assert records[-1]["accuracy"] > 0.5
     assert all(c["accuracy"] > 0.5 for c in records[-1]["clients"])
 
 
-@pytest.mark.parametrize("run", ["passive", "sflv1"])
+@pytest.mark.parametrize("run", RUNS)
 def test_no_label_crosses_to_the_cloud(request, run):
     """Every byte a client exchanged is accounted for by z and dL/dh up, h and dL/dz down, and
     the head + last layer through Flower: there is no room for even one label (8 bytes)."""

@@ -72,6 +72,7 @@ def test_same_seed_same_numbers_sflv2(tmp_path):
     assert sorted(set(view["client_ids"].tolist())) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_dirichlet_partition_with_fedmedian(tmp_path):
     run_dir = run_sim(tmp_path, *SMALL, "--rounds", "1", "--partition", "dirichlet", "--alpha", "0.3",
                       "--strategy", "FedMedian")
