@@ -292,7 +292,7 @@ def _as_images(x: torch.Tensor, shape: tuple[int, int, int], what: str) -> torch
 
 # ---------------------------------------------------------------------------- registry
 
-ATTACKS: Registry[Attack] = Registry("attack", AttackError)
+ATTACKS: Registry[Attack] = Registry("attack", AttackError, Attack)
 register = ATTACKS.register
 
 

@@ -151,7 +151,7 @@ def on_device(attack_spec: str, device: str) -> dict[str, str]:
     """The run's device for an attack that trains or optimises (one with a ``device``
     parameter), unless its spec names one."""
     spec = parse_call(attack_spec)
-    accepts = "device" in inspect.signature(ATTACKS[spec.name].__init__).parameters
+    accepts = "device" in inspect.signature(ATTACKS.resolve(spec.name).__init__).parameters
     return {"device": device} if accepts and "device" not in spec.kwargs else {}
 
 

@@ -183,7 +183,7 @@ def load_arrays(defense: Defense, federated: dict[str, np.ndarray], local: dict[
                 own[k].copy_(torch.as_tensor(np.array(v)))
 
 
-REGISTRY: Registry[Defense] = Registry("defense", DefenseError)
+REGISTRY: Registry[Defense] = Registry("defense", DefenseError, Defense)
 register = REGISTRY.register
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
+from sim.spec import one_line
+
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
@@ -203,7 +205,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot read IDX file ({_one_line(exc)})") from None
+        raise DataError(f"{path}: cannot read IDX file ({one_line(exc)})") from None
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:4] != bytes((0, 0, 8, ndim)):
         raise DataError(f"{path}: not a {ndim}-dimensional uint8 IDX file (bad magic number)")
@@ -307,7 +309,7 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle can fail in many ways
-        raise DataError(f"{path}: cannot read CIFAR batch ({_one_line(exc)})") from None
+        raise DataError(f"{path}: cannot read CIFAR batch ({one_line(exc)})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
         raise DataError(f"{path}: expected 'data' of shape (N, 3072) and N '{label_key}', "
                         f"got {data.shape} and {labels.shape}")
@@ -332,14 +334,9 @@ def _read_svhn(root: Path) -> tuple[np.ndarray, ...]:
             images = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2)
             labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
         except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
-            raise DataError(f"{root / file}: cannot read SVHN file ({_one_line(exc)})") from None
+            raise DataError(f"{root / file}: cannot read SVHN file ({one_line(exc)})") from None
         arrays += [images, np.where(labels == 10, 0, labels)]
     return tuple(arrays)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (DataError messages are one line)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def to_tensor(x_uint8: np.ndarray) -> torch.Tensor:
@@ -469,7 +466,7 @@ def _load_all(partitioner: Partitioner, labels: np.ndarray, order: np.ndarray, p
                     for pid in range(partitioner.num_partitions)]
     except ValueError as exc:
         raise DataError(f"{params}: flwr_datasets could not partition {len(labels)} samples "
-                        f"({_one_line(exc)}); {_ADVICE[method]}") from None
+                        f"({one_line(exc)}); {_ADVICE[method]}") from None
 
 
 # ------------------------------------------------------------------------------ splits

@@ -47,6 +47,8 @@ from sim import checkpoint  # noqa: E402
 from sim.checkpoint import CheckpointError  # noqa: E402
 from sim.config import ConfigError, SimConfig, check_external, load_config, located, validate  # noqa: E402
 from sim.memory import PeakMemory  # noqa: E402
+from sim.plugins import ray_modules  # noqa: E402
+from sim.spec import one_line  # noqa: E402
 from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
                       split_holdout, split_test, to_tensor)
 from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, normalise, state_to_numpy  # noqa: E402
@@ -337,7 +339,10 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
     from ray.exceptions import AuthenticationError
 
-    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
+    # The user's plug-in modules (sim.plugins) travel with the job to every worker on every node.
+    modules = ray_modules()
+    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR,
+                  runtime_env={"py_modules": modules} if modules else None)
     if cfg.ray_address:
         try:
             ray.init(address=cfg.ray_address, **common)
@@ -350,7 +355,7 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
                         "~/.ray/auth_token), or, for a cluster without authentication, set "
                         "RAY_AUTH_MODE=disabled (see the README, Ray security)")
             else:
-                hint = _one_line(exc)
+                hint = one_line(exc)
             raise ConfigError(cfg.origin("ray_address"), f"cannot join the Ray cluster at {cfg.ray_address}: "
                               f"{hint}") from None
         if not is_token_auth_enabled():
@@ -399,10 +404,6 @@ def kill_descendants(grace_s: float = 0.0) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(procs, timeout=max(grace_s, 5.0))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # Flower's pool hands a dead client actor back to the pool (``RayBackend.process_message``), so
@@ -636,7 +637,7 @@ def _describe_failure(error: BaseException) -> str:
     text = str(error)
     if "CloudActor" in text and ("died" in text or "dead" in text):
         return "the cloud actor died (its worker process exited unexpectedly)"
-    line = _one_line(error)
+    line = one_line(error)
     return line if len(line) <= 300 else line[:297] + "..."
 
 

@@ -20,6 +20,11 @@ class SpecError(ValueError):
     """A spec that cannot be parsed; the message is one line meant for the user."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message squeezed onto one line, as every user-facing error is."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 @dataclass(frozen=True)
 class CallSpec:
     """One parsed ``name(args...)``; positional args may themselves be CallSpecs."""

@@ -14,7 +14,6 @@ strategy once, so a typo fails in milliseconds instead of after Ray has started.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import logging
 import math
@@ -28,7 +27,8 @@ from typing import Any
 import flwr.serverapp.strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
-from sim.spec import CallSpec, SpecError, parse_call
+from sim.plugins import import_class, is_import_path
+from sim.spec import CallSpec, SpecError, one_line, parse_call
 
 
 class StrategyError(ValueError):
@@ -76,7 +76,7 @@ def resolve_strategy(spec: str, defaults: Mapping[str, object] | None = None) ->
     try:
         call = parse_call(spec)
     except SpecError as exc:
-        raise StrategyError(f"invalid strategy spec: {_one_line(str(exc))}") from None
+        raise StrategyError(f"invalid strategy spec: {one_line(exc)}") from None
     return _build(call, defaults or {})
 
 
@@ -150,14 +150,9 @@ def _build(call: CallSpec, defaults: Mapping[str, object]) -> Strategy:
 
 def _find_class(name: str) -> type[Strategy]:
     """Look ``name`` up as a Flower strategy or as ``module:Class``."""
-    obj = _import_object(name) if ":" in name else _flower_strategy(name)
-    if not _is_strategy_class(obj):
-        what = "a class" if inspect.isclass(obj) else f"a {type(obj).__name__}"
-        raise StrategyError(
-            f"'{name}' is {what}, but a strategy must be a subclass of "
-            "flwr.serverapp.strategy.Strategy"
-        )
-    return obj
+    if is_import_path(name):
+        return import_class(name, Strategy, "strategy", StrategyError)
+    return _flower_strategy(name)
 
 
 def _flower_strategy(name: str) -> Any:
@@ -175,30 +170,6 @@ def _flower_strategy(name: str) -> Any:
         f"unknown strategy '{name}'{hint}; available: {', '.join(available)}; "
         "or give your own Strategy subclass as 'path.to.module:Class(...)'"
     )
-
-
-def _import_object(name: str) -> Any:
-    """Import ``module:attr``; any failure of the user's module becomes one line."""
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    # A user's module may fail to import with any exception; all of them mean the same.
-    except Exception as exc:  # pylint: disable=broad-exception-caught
-        raise StrategyError(
-            f"cannot import module '{module_name}' for strategy '{name}': "
-            f"{type(exc).__name__}: {_one_line(str(exc))}"
-        ) from None
-    if not hasattr(module, attr):
-        defined = sorted(
-            n
-            for n, v in vars(module).items()
-            if _is_strategy_class(v) and v.__module__ == module.__name__
-        )
-        raise StrategyError(
-            f"module '{module_name}' has no attribute '{attr}'; "
-            f"Strategy classes defined there: {', '.join(defined) or 'none'}"
-        )
-    return getattr(module, attr)
 
 
 def _is_strategy_class(obj: object) -> bool:
@@ -374,12 +345,8 @@ def _construct(
         added = ", ".join(f"{key}={value!r}" for key, value in applied.items())
         note = f" (plus the simulator's defaults {added})" if added else ""
         raise StrategyError(
-            f"'{call.name}' rejected its arguments in '{call}'{note}: {_one_line(str(exc))}"
+            f"'{call.name}' rejected its arguments in '{call}'{note}: {one_line(exc)}"
         ) from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @contextmanager

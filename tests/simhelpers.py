@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,19 +17,32 @@ from sim.data import to_tensor
 from sim.models import build_head, normalise
 from sim.run import Prepared, prepare
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def plugin_folder(where: Path) -> Path:
+    """A user's folder outside the repository holding the example defense and attack modules."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name in ("custom_defense.py", "custom_attack.py"):
+        shutil.copy(EXAMPLES / name, where / name)
+    return where
+
+
 # Small but real: a few clients over a 2000-sample subset of Fashion-MNIST.
 SMALL = ["--clients", "4", "--rounds", "2", "--train-subset", "2000", "--batch-size", "32", "--attacks", "none"]
 
 
-def run_cli(out: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m sim.run`` in a subprocess; ``env`` replaces the environment (e.g. a cluster's token)."""
+def run_cli(out: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m sim.run`` in a subprocess; ``env`` replaces the environment (e.g. a cluster's
+    token), ``cwd`` is its working directory (a user's folder with plug-in modules)."""
     return subprocess.run([sys.executable, "-m", "sim.run", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
-def run_sim(out: Path, *args: str, timeout: float = 600) -> Path:
+def run_sim(out: Path, *args: str, timeout: float = 600, cwd: Path | None = None) -> Path:
     """Run a simulation that must succeed; return its run directory."""
-    proc = run_cli(out, *args, timeout=timeout)
+    proc = run_cli(out, *args, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dirs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(dirs) == 1, dirs

@@ -11,6 +11,7 @@ the driver that joins; a driver without it is refused.
 from __future__ import annotations
 
 import atexit
+import csv
 import json
 import os
 import secrets
@@ -29,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.simhelpers import SMALL, metrics, run_cli
+from tests.simhelpers import SMALL, metrics, plugin_folder, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"  # the CLI of the Ray the simulator imports
@@ -224,12 +225,16 @@ def test_simulation_runs_across_a_two_node_cluster(two_node_cluster: Cluster, tm
 
     0.6 CPU per client actor: an actor cannot span nodes, so only one fits on each 1-CPU node, although
     the cluster's 2 CPUs in total would suggest 3. The SFL-v2 waves must match Flower's per-node pool
-    (2), or the cloud waits forever for a client that has no actor.
+    (2), or the cloud waits forever for a client that has no actor. The defense and the attack are the
+    user's own, from a folder that is the driver's working directory and not on the nodes' path.
     """
     out = tmp_path / "runs"
+    folder = plugin_folder(tmp_path / "user")
     with ActorWatch(two_node_cluster) as watch:
         proc = run_cli(out, *SMALL, "--protocol", "sflv2", "--client-cpus", "0.6",
-                       "--ray-address", two_node_cluster.address, timeout=420, env=_node_env())
+                       "--defense", "custom_defense:Quantize(levels=4)",
+                       "--attacks", "custom_attack:NearestNeighbour", "--attack-samples", "16",
+                       "--ray-address", two_node_cluster.address, timeout=420, env=_node_env(), cwd=folder)
     print(f"ray actors seen per node: {watch.seen}")
     assert proc.returncode == 0, proc.stderr[-3000:] + two_node_cluster.log_tail()
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
@@ -238,6 +243,9 @@ def test_simulation_runs_across_a_two_node_cluster(two_node_cluster: Cluster, tm
     assert summary["rounds_completed"] == 2
     for record in metrics(run_dir):
         assert record["completed"] == 4 and len(record["clients"]) == 4, record
+        assert all(c["defense-mse"] > 0 for c in record["clients"]), record  # quantized in the actors
+    with (run_dir / "leakage.csv").open() as f:
+        assert sorted(int(r["partition_id"]) for r in csv.DictReader(f) if r["attack"] == "nearest") == [0, 1, 2, 3]
     for node, titles in watch.seen.items():
         assert any(t.startswith("ray::ClientAppActor.run") for t in titles), (node, watch.seen)
     assert any(t.startswith("ray::CloudActor") for titles in watch.seen.values() for t in titles), watch.seen
