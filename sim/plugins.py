@@ -46,10 +46,10 @@ def import_class(path: str, base: type[T], kind: str, error: type[ValueError]) -
     obj = getattr(module, attr, None)
     if obj is None:
         defined = sorted(n for n, v in vars(module).items()
-                         if _subclass(v, base) and v.__module__ == module.__name__)
+                         if is_subclass(v, base) and v.__module__ == module.__name__)
         raise error(f"module '{module_name}' has no attribute '{attr}'; {base.__name__} classes "
                     f"defined there: {', '.join(defined) or 'none'}")
-    if not _subclass(obj, base):
+    if not is_subclass(obj, base):
         what = "a class" if inspect.isclass(obj) else f"a {type(obj).__name__}"
         raise error(f"'{path}' is {what}, but a {kind} must be a subclass of {public_name(base)}")
     return obj
@@ -80,5 +80,6 @@ def _installed(module: ModuleType) -> bool:
     return Path(origin).resolve().is_relative_to(Path(sys.prefix).resolve())
 
 
-def _subclass(obj: object, base: type) -> bool:
+def is_subclass(obj: object, base: type) -> bool:
+    """Whether ``obj`` is a class derived from ``base`` (anything else is not, without raising)."""
     return inspect.isclass(obj) and issubclass(obj, base)

@@ -27,7 +27,7 @@ from typing import Any
 import flwr.serverapp.strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
-from sim.plugins import import_class, is_import_path
+from sim.plugins import import_class, is_import_path, is_subclass
 from sim.spec import CallSpec, SpecError, one_line, parse_call
 
 
@@ -124,7 +124,7 @@ def available_strategies() -> list[str]:
     return sorted(
         name
         for name in flwr_strategies.__all__
-        if _is_strategy_class(getattr(flwr_strategies, name))
+        if is_subclass(getattr(flwr_strategies, name), Strategy)
         and not inspect.isabstract(getattr(flwr_strategies, name))
     )
 
@@ -170,10 +170,6 @@ def _flower_strategy(name: str) -> Any:
         f"unknown strategy '{name}'{hint}; available: {', '.join(available)}; "
         "or give your own Strategy subclass as 'path.to.module:Class(...)'"
     )
-
-
-def _is_strategy_class(obj: object) -> bool:
-    return inspect.isclass(obj) and issubclass(obj, Strategy)
 
 
 def _constructor_params(cls: type) -> _Params:
