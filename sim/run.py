@@ -382,10 +382,12 @@ def _stop_at_once(run_dir: Path) -> Callable[[int, Any], None]:
     """
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        print(f"error: stopped by {name}; the checkpoint of the last complete round is in {run_dir}: "
-              f"go on with --resume {run_dir}", file=sys.stderr, flush=True)
-        kill_descendants()
-        os._exit(128 + signum)
+        try:
+            print(f"error: stopped by {name}; the checkpoint of the last complete round is in {run_dir}: "
+                  f"go on with --resume {run_dir}", file=sys.stderr, flush=True)
+            kill_descendants()
+        finally:  # whatever failed above, the exit code still says which signal stopped the run
+            os._exit(128 + signum)
 
     return handler
 
