@@ -25,34 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
-# Token authentication for every Ray this process starts or joins. Ray reads the mode once per
-# process, when ``ray._raylet`` is first imported (below, through flwr), so it is set here; the
-# token itself is made per run (``_locked_down``). RAY_AUTH_MODE=disabled, set by the user, only
-# serves to join a cluster without authentication (``--ray-address``).
-_AUTH_MODE_GIVEN = "RAY_AUTH_MODE" in os.environ
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+import numpy as np
+import torch
+import yaml
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from attacks import LEVELS, AttackError, build_attack  # noqa: E402
-from attacks.stage import parse_attacks  # noqa: E402
-from defenses import DefenseError, build_defense, describe_registry  # noqa: E402
-from sim import checkpoint  # noqa: E402
-from sim.checkpoint import CheckpointError  # noqa: E402
-from sim.config import ConfigError, SimConfig, check_external, load_config, located, validate  # noqa: E402
-from sim.memory import PeakMemory  # noqa: E402
-from sim.plugins import ray_modules  # noqa: E402
-from sim.spec import one_line  # noqa: E402
-from sim.data import (DataError, ImageData, load_dataset, partition_indices,  # noqa: E402
+from attacks import LEVELS, AttackError, build_attack
+from attacks.stage import parse_attacks
+from defenses import DefenseError, build_defense, describe_registry
+from sim import AUTH_MODE_GIVEN, checkpoint
+from sim.checkpoint import CheckpointError
+from sim.config import ConfigError, SimConfig, check_external, load_config, located, validate
+from sim.memory import PeakMemory
+from sim.plugins import ray_modules
+from sim.spec import one_line
+from sim.data import (DataError, ImageData, load_dataset, partition_indices,
                       split_holdout, split_test, to_tensor)
-from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, normalise, state_to_numpy  # noqa: E402
-from strategies import StrategyError, check_strategy_spec  # noqa: E402
+from sim.models import DEFAULT_ARCH, SplitSpec, build_tail, normalise, state_to_numpy
+from strategies import StrategyError, check_strategy_spec
 
 USER_ERRORS = (ConfigError, DataError, DefenseError, StrategyError, AttackError, CheckpointError)
 
@@ -333,7 +322,7 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
     """Start the local Ray (inside :func:`_locked_down`) or join ``--ray-address``.
 
     Fails closed: no local Ray starts in a process whose Ray is not in token mode (the user set
-    RAY_AUTH_MODE=disabled, or Ray was imported before this module set it).
+    RAY_AUTH_MODE=disabled, or Ray was imported before the sim package set it).
     """
     import ray
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
@@ -363,8 +352,8 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
                   "whoever reaches its ports can run code in it (see the README, Ray security)", file=sys.stderr)
         return
     if not is_token_auth_enabled():
-        why = ("RAY_AUTH_MODE is set to " + repr(os.environ.get("RAY_AUTH_MODE")) if _AUTH_MODE_GIVEN
-               else "Ray was imported before sim.run set RAY_AUTH_MODE")
+        why = ("RAY_AUTH_MODE is set to " + repr(os.environ.get("RAY_AUTH_MODE")) if AUTH_MODE_GIVEN
+               else "Ray was imported before the sim package set RAY_AUTH_MODE")
         raise ConfigError("RAY_AUTH_MODE", f"the simulator's own Ray runs only with token authentication ({why}); "
                           "RAY_AUTH_MODE=disabled is for joining a cluster without it (--ray-address)")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
