@@ -11,6 +11,11 @@ and seconds.
 
     python -m benchmarks.attack_strength                      # trains the README demo first
     python -m benchmarks.attack_strength runs/RUN_DIR         # an existing run
+    python -m benchmarks.attack_strength runs/RUN_DIR --heads # which heads the decoder inverts
+
+A white-box cloud holds the head each round started from and the aggregated head it ended
+with; the features recorded during the round come from heads in between. ``--heads`` fits
+the decoder on each choice (``decoder(heads=end|start|both)``) and prints the same columns.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from attacks.base import Attack, build_attack
+from attacks.decoder import HEAD_CHOICES
 from attacks.report import worst_case
 from attacks.stage import load_snapshot, parse_attacks, run_stage
 from attacks.training import Budget
@@ -43,21 +49,41 @@ def scaled(attack: Attack, factor: int) -> Attack:
     return attack
 
 
-def stage(run_dir: Path, prep: Prepared, factor: int) -> tuple[list[dict], float]:
-    """The run's attack stage on its final snapshot, every training budget scaled by ``factor``."""
+def stage(run_dir: Path, prep: Prepared, attacks: list[str], factor: int = 1) -> tuple[list[dict], float]:
+    """``attacks`` on the run's final snapshot, every training budget scaled by ``factor``."""
     cfg = prep.config
     t0 = time.perf_counter()
     result = run_stage(load_snapshot(run_dir, cfg.rounds), cfg.resolved_groups(), prep.specs, prep.data,
-                       prep.aux_idx, parse_attacks(cfg.attacks), cfg.attacker_knowledge, cfg.attack_samples,
+                       prep.aux_idx, attacks, cfg.attacker_knowledge, cfg.attack_samples,
                        cfg.seed, device=prep.device,
                        make_attack=lambda text, **kw: scaled(build_attack(text, **kw), factor))
     return result.rows + worst_case(result.rows), time.perf_counter() - t0
+
+
+def mean(rows: list[dict], attack: str, key: str) -> float:
+    """The mean of ``key`` over the attack's rows (one per client)."""
+    return float(np.mean([r[key] for r in rows if r["attack"] == attack and key in r]))
+
+
+def table(results: dict[str, tuple[list[dict], float]]) -> None:
+    """Mean SSIM and MSE over clients of each attack, one column pair per result, and seconds."""
+    labels = list(results)
+    names = list(dict.fromkeys(r["attack"] for r in results[labels[0]][0]))
+    print("| attack | " + " | ".join(f"SSIM {k} | MSE {k}" for k in labels) + " |")
+    print("|---|" + "---|---|" * len(labels))
+    for name in names:
+        cells = [f"{mean(results[k][0], name, 'ssim'):.4f} | {mean(results[k][0], name, 'mse'):.5f}"
+                 for k in labels]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nseconds: " + ", ".join(f"{k} {results[k][1]:.0f}" for k in labels))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", help="a finished run (default: train the README demo)")
     parser.add_argument("--out", default="runs/bench-attack-strength")
+    parser.add_argument("--heads", action="store_true",
+                        help="compare the decoder on the end, start and both heads instead")
     args = parser.parse_args()
     if args.run_dir:
         import yaml
@@ -67,16 +93,18 @@ def main() -> None:
     else:
         run_dir, prep = train({**RUNS["demo"], "attacks": "none"}, Path(args.out))
         prep = prepare(dataclasses.replace(prep.config, attacks=RUNS["demo"]["attacks"]))
-    results = {factor: stage(run_dir, prep, factor) for factor in (1, SCALE)}
-    names = list(dict.fromkeys(r["attack"] for r in results[1][0]))
-    print(f"\nrun {run_dir}; attacks {prep.config.attacks!r}; default vs {SCALE}x budget\n")
-    print("| attack | SSIM default | SSIM 4x | SSIM default / 4x | MSE default | MSE 4x |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        ssim = [np.mean([r["ssim"] for r in results[f][0] if r["attack"] == name and "ssim" in r]) for f in (1, SCALE)]
-        mse = [np.mean([r["mse"] for r in results[f][0] if r["attack"] == name and "mse" in r]) for f in (1, SCALE)]
-        print(f"| {name} | {ssim[0]:.4f} | {ssim[1]:.4f} | {ssim[0] / ssim[1]:.3f} | {mse[0]:.5f} | {mse[1]:.5f} |")
-    print(f"\nseconds: default {results[1][1]:.0f}, {SCALE}x {results[SCALE][1]:.0f}")
+    if args.heads:
+        results = {heads: stage(run_dir, prep, [f"decoder(heads={heads})"]) for heads in HEAD_CHOICES}
+        print(f"\nrun {run_dir}; the decoder on each choice of heads\n")
+    else:
+        attacks = parse_attacks(prep.config.attacks)
+        results = {"default": stage(run_dir, prep, attacks), f"{SCALE}x": stage(run_dir, prep, attacks, SCALE)}
+        print(f"\nrun {run_dir}; attacks {prep.config.attacks!r}; default vs {SCALE}x budget\n")
+    table(results)
+    if not args.heads:
+        for name in dict.fromkeys(r["attack"] for r in results["default"][0]):
+            ratio = mean(results["default"][0], name, "ssim") / mean(results[f"{SCALE}x"][0], name, "ssim")
+            print(f"{name}: SSIM default / {SCALE}x = {ratio:.3f}")
 
 
 if __name__ == "__main__":
