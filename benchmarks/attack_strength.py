@@ -16,6 +16,13 @@ and seconds.
 A white-box cloud holds the head each round started from and the aggregated head it ended
 with; the features recorded during the round come from heads in between. ``--heads`` fits
 the decoder on each choice (``decoder(heads=end|start|both)``) and prints the same columns.
+
+Measured on the README demo's run (50 clients, 3 rounds, cem; 2 cores, 2026-12-06; the 4x
+fit shared the cores with a test run for its last half hour):
+
+| attack | SSIM default | SSIM 4x | default / 4x | MSE default | MSE 4x | seconds default | seconds 4x |
+|---|---|---|---|---|---|---|---|
+| decoder (= worst case) | 0.7371 | 0.7405 | 0.995 | 0.01818 | 0.01812 | 320 | 3521 |
 """
 
 from __future__ import annotations
