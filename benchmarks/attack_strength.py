@@ -15,7 +15,7 @@ and seconds.
 
 A white-box cloud holds the head each round started from and the aggregated head it ended
 with; the features recorded during the round come from heads in between. ``--heads`` fits
-the decoder on each choice (``decoder(heads=end|start|both)``) and prints the same columns.
+the decoder on each choice (``decoder(heads='end'|'start'|'both')``) and prints the same columns.
 
 Measured on the README demo's run (50 clients, 3 rounds, cem; 2 cores, 2026-12-06; the 4x
 fit shared the cores with a test run for its last half hour):
@@ -101,7 +101,7 @@ def main() -> None:
         run_dir, prep = train({**RUNS["demo"], "attacks": "none"}, Path(args.out))
         prep = prepare(dataclasses.replace(prep.config, attacks=RUNS["demo"]["attacks"]))
     if args.heads:
-        results = {heads: stage(run_dir, prep, [f"decoder(heads={heads})"]) for heads in HEAD_CHOICES}
+        results = {heads: stage(run_dir, prep, [f"decoder(heads='{heads}')"]) for heads in HEAD_CHOICES}
         print(f"\nrun {run_dir}; the decoder on each choice of heads\n")
     else:
         attacks = parse_attacks(prep.config.attacks)
