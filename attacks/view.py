@@ -14,11 +14,15 @@ so row i of the gradients belongs to row i of the features and sample ids.
 
 from __future__ import annotations
 
-import dataclasses
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sim.checkpoint import RoundShards, atomic_write
 
 
 @dataclass
@@ -105,18 +109,28 @@ class ClientView:
     grads: np.ndarray | None = None  # U-shaped: (n, *h_shape) dL/dh, row-aligned; else None
 
 
+# What a stored view keeps per client besides its arrays (small, in memory); "rows" is n.
+_META = ("partition_id", "group", "cut", "round", "seen", "bytes_received", "bytes_sent", "failed", "rows")
+_ARRAYS = ("sample_ids", "features", "grads")
+
+
 class FeatureStore:
     """The cloud's memory of every client, keyed by partition id (stable across runs).
 
     A client's features from its latest completed round are what attacks use. What the cloud
     received in a round the client then failed (it crashed or vanished mid-round) is kept too,
-    in :attr:`failed`, marked as such in the saved view: a curious cloud keeps everything, but
-    those features were made by a head the server never aggregated.
+    apart (``get(pid, failed=True)``), marked as such in the saved view: a curious cloud keeps
+    everything, but those features were made by a head the server never aggregated.
+
+    The arrays live on disk, in per-round shards under ``directory``
+    (:class:`sim.checkpoint.RoundShards`); memory holds the index and each client's few
+    numbers, so the view's memory does not grow with the number of clients, and a checkpoint
+    writes only the round's new shard and :meth:`state`.
     """
 
-    def __init__(self) -> None:
-        self.clients: dict[int, ClientView] = {}
-        self.failed: dict[int, ClientView] = {}
+    def __init__(self, directory: Path) -> None:
+        self.shards = RoundShards(directory)
+        self.meta: dict[str, list[int]] = {}  # "done-3" / "failed-3": the view's _META values
         self._bytes: dict[int, tuple[int, int]] = {}
 
     def put(self, view: ClientView) -> None:
@@ -126,46 +140,96 @@ class FeatureStore:
         total = (old_in + view.bytes_received, old_out + view.bytes_sent)
         self._bytes[view.partition_id] = total
         view.bytes_received, view.bytes_sent = total
-        (self.failed if view.failed else self.clients)[view.partition_id] = view
+        key = _key(view.partition_id, view.failed)
+        self.meta[key] = [int(getattr(view, f)) for f in _META[:-1]] + [len(view.sample_ids)]
+        self.shards.put(key, {f: a for f in _ARRAYS if (a := getattr(view, f)) is not None})
+
+    def get(self, partition_id: int, failed: bool = False) -> ClientView | None:
+        """What the cloud kept of a client's latest completed (or failed) round, if any."""
+        key = _key(partition_id, failed)
+        if key not in self.meta:
+            return None
+        meta = dict(zip(_META, self.meta[key]))
+        del meta["rows"]
+        arrays = self.shards.get(key) or {}
+        return ClientView(**meta | {"failed": bool(meta["failed"])}, sample_ids=arrays["sample_ids"],
+                          features=arrays["features"], grads=arrays.get("grads"))
+
+    def partitions(self, failed: bool = False) -> list[int]:
+        return sorted(int(k.split("-")[1]) for k in self.meta if k.startswith(_key(0, failed)[:-1]))
+
+    def flush(self, round_: int) -> int:
+        """Write the views put since the last flush to disk as round ``round_``'s shard."""
+        return self.shards.flush(round_)
+
+    def prune(self) -> None:
+        self.shards.prune()
 
     def state(self) -> dict[str, Any]:
-        """Everything stored, as plain data (for checkpoints)."""
-        return {"clients": {p: dataclasses.asdict(v) for p, v in self.clients.items()},
-                "failed": {p: dataclasses.asdict(v) for p, v in self.failed.items()},
+        """The index and numbers (for checkpoints); the arrays stay in their shards."""
+        return {"meta": self.meta, "shards": self.shards.state(),
                 "bytes": {p: list(b) for p, b in self._bytes.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.clients = {int(p): ClientView(**v) for p, v in state["clients"].items()}
-        self.failed = {int(p): ClientView(**v) for p, v in state["failed"].items()}
+        self.meta = {str(k): [int(x) for x in v] for k, v in state["meta"].items()}
+        self.shards.load_state(state["shards"])
         self._bytes = {int(p): (int(b[0]), int(b[1])) for p, b in state["bytes"].items()}
 
     def save(self, path: str) -> None:
-        """Write the view as one ``.npz`` of flat arrays (no pickle), ordered by partition id.
+        """Write the view as one ``.npz`` of flat arrays (no pickle), ordered by partition id,
+        streamed client by client (memory holds one client's arrays at a time).
 
         Features of different cut layers have different shapes, so every array is stored per
         cut: ``features_c4``, ``sample_ids_c4``, ... and ``cuts`` lists the cuts present. In
         the U-shaped split ``grads_c4`` holds the dL/dh rows (NaN rows for a client without
         any); views without gradients have no such array.
         """
-        arrays: dict[str, np.ndarray] = {}
-        everything = [self.clients[p] for p in sorted(self.clients)] + [self.failed[p] for p in sorted(self.failed)]
-        cuts = sorted({v.cut for v in everything})
-        for cut in cuts:
-            views = [v for v in everything if v.cut == cut]
-            n = [len(v.sample_ids) for v in views]
-            arrays[f"client_ids_c{cut}"] = np.repeat([v.partition_id for v in views], n).astype(np.int64)
-            arrays[f"group_ids_c{cut}"] = np.repeat([v.group for v in views], n).astype(np.int64)
-            arrays[f"rounds_c{cut}"] = np.repeat([v.round for v in views], n).astype(np.int64)
-            arrays[f"failed_c{cut}"] = np.repeat([v.failed for v in views], n).astype(bool)
-            arrays[f"sample_ids_c{cut}"] = np.concatenate([v.sample_ids for v in views])
-            arrays[f"features_c{cut}"] = np.concatenate([v.features for v in views])
-            known = [v.grads for v in views if v.grads is not None]
-            if known:
-                arrays[f"grads_c{cut}"] = np.concatenate([
-                    v.grads if v.grads is not None
-                    else np.full((len(v.sample_ids), *known[0].shape[1:]), np.nan, known[0].dtype)
-                    for v in views])
-        np.savez_compressed(path, cuts=np.asarray(cuts, np.int64), **arrays)
+        keys = [_key(p, False) for p in self.partitions()] + [_key(p, True) for p in self.partitions(True)]
+        meta = {k: dict(zip(_META, self.meta[k])) for k in keys}
+        cuts = sorted({m["cut"] for m in meta.values()})
+
+        def write(f: Any) -> None:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+                _write_npy(zf, "cuts", [np.asarray(cuts, np.int64)], len(cuts))
+                for cut in cuts:
+                    members = [k for k in keys if meta[k]["cut"] == cut]
+                    rows = [meta[k]["rows"] for k in members]
+                    for name, field_ in (("client_ids", "partition_id"), ("group_ids", "group"),
+                                         ("rounds", "round"), ("failed", "failed")):
+                        values = np.repeat([meta[k][field_] for k in members], rows)
+                        _write_npy(zf, f"{name}_c{cut}", [values.astype(bool if name == "failed" else np.int64)],
+                                   sum(rows))
+                    for name in ("sample_ids", "features"):
+                        _write_npy(zf, f"{name}_c{cut}", (self.shards.get(k)[name] for k in members), sum(rows))
+                    known = next((g for k in members if (g := self.shards.get(k).get("grads")) is not None), None)
+                    if known is not None:
+                        _write_npy(zf, f"grads_c{cut}", (
+                            arrays["grads"] if "grads" in arrays
+                            else np.full((len(arrays["sample_ids"]), *known.shape[1:]), np.nan, known.dtype)
+                            for arrays in (self.shards.get(k) for k in members)), sum(rows))
+
+        atomic_write(Path(path), write)
+
+
+def _key(partition_id: int, failed: bool) -> str:
+    return f"{'failed' if failed else 'done'}-{partition_id}"
+
+
+def _write_npy(zf: zipfile.ZipFile, name: str, chunks: Iterable[np.ndarray], rows: int) -> None:
+    """One ``name.npy`` member of ``rows`` rows: ``chunks`` stacked along their first axis,
+    written as they come (dtype and row shape from the first)."""
+    written, header = 0, False
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+        for chunk in chunks:
+            if not header:
+                header = True
+                np.lib.format.write_array_header_2_0(out, {
+                    "descr": np.lib.format.dtype_to_descr(chunk.dtype), "fortran_order": False,
+                    "shape": (rows, *chunk.shape[1:])})
+            out.write(np.ascontiguousarray(chunk).tobytes())
+            written += len(chunk)
+    if written != rows:
+        raise RuntimeError(f"{name}: {written} rows written, {rows} expected")
 
 
 VIEW_FIELDS = ("client_ids", "group_ids", "rounds", "failed", "sample_ids", "features")

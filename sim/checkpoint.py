@@ -17,14 +17,16 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 1
+SHARDS = "shards"  # the run directory's folder of per-round shards (:class:`RoundShards`)
+FORMAT = 2  # 2: per-client arrays in round shards, the checkpoint holds their index
 
 
 class CheckpointError(ValueError):
@@ -68,20 +70,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(run_dir: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` as the run's checkpoint, atomically."""
-    path = run_dir / CHECKPOINT
-    tmp = path.with_name(f".{CHECKPOINT}.tmp")
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> int:
+    """``write`` into a temporary file beside ``path``, flushed to disk, then renamed over it:
+    a crash leaves the old file or the new one, never a torn one. Returns the bytes written."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+        size = f.tell()
     os.replace(tmp, path)
-    directory = os.open(run_dir, os.O_RDONLY)
+    directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a power cut
     finally:
         os.close(directory)
+    return size
+
+
+def save(run_dir: Path, state: dict[str, Any]) -> int:
+    """Write ``state`` as the run's checkpoint, atomically; returns its size in bytes."""
+    return atomic_write(run_dir / CHECKPOINT, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load(run_dir: Path) -> dict[str, Any]:
@@ -97,3 +106,75 @@ def load(run_dir: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT}")
     return state
+
+
+class RoundShards:
+    """Arrays per key (a client), the latest of each kept on disk in one file per round, with
+    only an index (key -> round) in memory.
+
+    :meth:`put` holds a key's new arrays in memory until :meth:`flush` writes the round's shard
+    ``r00003.npz`` (atomically, plain ``.npy`` members, no pickle). A checkpoint then stores
+    the index: what it writes per round is what changed that round plus the small state,
+    whatever the number of clients. :meth:`prune`, called once a checkpoint is safely written,
+    removes the shards it no longer points to; a crash before that leaves the previous
+    checkpoint's shards in place, and a round run again after a resume rewrites its shard.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.index: dict[str, int] = {}
+        self._pending: dict[str, dict[str, np.ndarray]] = {}
+        self._open: dict[int, Any] = {}  # round -> its shard, opened once (members read lazily)
+
+    def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        self._pending[key] = arrays
+
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        """The key's latest arrays, or None if it has none."""
+        if key in self._pending:
+            return self._pending[key]
+        if key not in self.index:
+            return None
+        r = self.index[key]
+        if r not in self._open:
+            self._open[r] = np.load(self._path(r), allow_pickle=False)
+        shard, prefix = self._open[r], f"{key}/"
+        return {name[len(prefix):]: shard[name] for name in shard.files if name.startswith(prefix)}
+
+    def flush(self, round_: int) -> int:
+        """Write what was put since the last flush as round ``round_``'s shard; its bytes."""
+        if not self._pending:
+            return 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{key}/{name}": a for key, named in self._pending.items() for name, a in named.items()}
+        self._close(round_)
+        size = atomic_write(self._path(round_), lambda f: np.savez(f, **arrays))
+        self.index.update(dict.fromkeys(self._pending, round_))
+        self._pending.clear()
+        return size
+
+    def state(self) -> dict[str, int]:
+        if self._pending:
+            raise RuntimeError(f"{len(self._pending)} keys put but not flushed")
+        return dict(self.index)
+
+    def load_state(self, index: dict[str, int]) -> None:
+        self.index = {str(k): int(r) for k, r in index.items()}
+        self._pending.clear()
+
+    def prune(self) -> None:
+        """Delete the shards the index no longer points to."""
+        keep = set(self.index.values())
+        for path in self.directory.glob("r*.npz"):
+            r = int(path.stem[1:])
+            if r not in keep:
+                self._close(r)
+                path.unlink()
+
+    def _path(self, round_: int) -> Path:
+        return self.directory / f"r{round_:05d}.npz"
+
+    def _close(self, round_: int) -> None:
+        shard = self._open.pop(round_, None)
+        if shard is not None:
+            shard.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,7 +182,7 @@ class CloudActor:
     CPUs, and a cloud holding a CPU would starve that pool: a cloud actor asking for one CPU hung forever.
     """
 
-    def __init__(self, setup: dict[str, Any], tails: dict[int, dict[str, np.ndarray]]) -> None:
+    def __init__(self, setup: dict[str, Any], tails: dict[int, dict[str, np.ndarray]], store_dir: str) -> None:
         torch.set_num_threads(1)
         self._setup = setup
         cfg = setup["config"]
@@ -200,7 +201,7 @@ class CloudActor:
             load_numpy_state(self.tails[cut], state)
             self.tails[cut].to(setup["device"])
             self.optimizers[cut] = make_tail_optimizer(self.tails[cut].parameters(), self.lr, adversary)
-        self.store = FeatureStore()
+        self.store = FeatureStore(Path(store_dir))
         self.pending: dict[int, _Pending] = {}
         # SFL-v2 turn-taking state: the open wave's order and turn, the waves queued behind it,
         # and the clients of the open and queued waves that have called (or were dropped).
@@ -348,9 +349,9 @@ class CloudActor:
 
     # ------------------------------------------------------------------------------ results
 
-    async def view(self) -> FeatureStore:
-        """Everything recorded so far (completed and failed rounds)."""
-        return self.store
+    async def save_view(self, path: str) -> None:
+        """Write everything recorded so far (completed and failed rounds) as ``view.npz``."""
+        self.store.save(path)
 
     async def all_tail_states(self) -> dict[int, dict[str, np.ndarray]]:
         return {cut: state_to_numpy(t) for cut, t in self.tails.items()}
@@ -362,8 +363,18 @@ class CloudActor:
 
     # ------------------------------------------------------------------------------ checkpoints
 
+    async def flush(self, round_: int) -> int:
+        """Write the views recorded in round ``round_`` to their shard (before :meth:`state`);
+        the bytes written."""
+        return self.store.flush(round_)
+
+    async def prune(self) -> None:
+        """Drop the view shards the last checkpoint no longer points to."""
+        self.store.prune()
+
     async def state(self) -> dict[str, Any]:
-        """Everything the cloud holds between rounds: tails, their optimisers, the view, and
+        """Everything the cloud holds between rounds: tails, their optimisers, the view's index
+        (its arrays are in the shards :meth:`flush` wrote), and
         a hijacking cloud's FSHA networks (tensors, as the optimisers' states)."""
         return {"tails": {cut: state_to_numpy(t) for cut, t in self.tails.items()},
                 "optimizers": {cut: o.state_dict() for cut, o in self.optimizers.items()},

@@ -417,6 +417,7 @@ def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
     ``resume`` is a run's checkpoint to go on from (see :func:`load_resume`)."""
     import ray
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from sim.client import initial_model
     from sim.cloud import CloudActor
@@ -451,7 +452,10 @@ def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
     if cfg.adversary == "hijack":  # FSHA's public auxiliary images, for the cloud's own networks
         setup["aux_x"] = ray.put(data.test_x[prep.aux_idx])
     # The plan keeps the handle: a named actor dies when its creator drops the last handle.
-    cloud = CloudActor.options(name=cloud_name, namespace=namespace).remote(setup, tails)
+    # On this node: the cloud writes the view's shards into the run directory, which lives here.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    cloud = CloudActor.options(name=cloud_name, namespace=namespace, scheduling_strategy=here).remote(
+        setup, tails, str(run_dir / checkpoint.SHARDS / "view"))
     plan = ServerPlan(
         config=cfg, run_dir=run_dir, cloud=cloud, cloud_name=cloud_name, namespace=namespace,
         specs=prep.specs, init_heads=heads,

@@ -263,7 +263,8 @@ class Federation:
         # the heads the latest round started from: a white-box cloud sent them to the clients,
         # and the features it recorded early in that round come from them
         self.start_heads = list(self.heads)
-        self.client_states: dict[int, dict[str, np.ndarray]] = {}  # per partition id
+        # each client's own persistent state, by partition id, on disk (round shards)
+        self.client_states = checkpoint.RoundShards(plan.run_dir / checkpoint.SHARDS / "clients")
         self.records: list[dict[str, Any]] = []
         self.plan.outcome["rounds"] = self.records
 
@@ -283,27 +284,38 @@ class Federation:
             await_client_actors(r)
             record = self._round(r)
             self.records.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
             every = self.cfg.attack_every
             if every and r % every == 0 and r < self.cfg.rounds:
                 self._save(self.plan.run_dir / "rounds" / f"r{r:03d}")
-            self._checkpoint(r)
+            t0 = time.perf_counter()
+            written = self._checkpoint(r)
+            cost = {"round": r, "bytes": written, "seconds": round(time.perf_counter() - t0, 4)}
+            with (self.plan.run_dir / "checkpoints.jsonl").open("a") as f:
+                f.write(json.dumps(cost) + "\n")
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
             self.plan.reporter.round_finished(record)
         self._save(self.plan.run_dir)
 
-    def _checkpoint(self, r: int) -> None:
-        """Write everything needed to go on after round ``r`` (0: before the first)."""
-        checkpoint.save(self.plan.run_dir, checkpoint.encode({
+    def _checkpoint(self, r: int) -> int:
+        """Write everything needed to go on after round ``r`` (0: before the first): the round's
+        shards (the views and client states it changed), then the small state that indexes
+        them; the shards no checkpoint points to any more go once it is safely written.
+        Returns the bytes written."""
+        written = ray.get(self.cloud.flush.remote(r)) + self.client_states.flush(r)
+        written += checkpoint.save(self.plan.run_dir, checkpoint.encode({
             "round": r,
             "heads": [from_record(h) for h in self.heads],
             "start_heads": [from_record(h) for h in self.start_heads],
             "strategies": [strategy_state(s) for s in self.strategies],
-            "client_states": self.client_states,
+            "client_states": self.client_states.state(),
             "cloud": ray.get(self.cloud.state.remote()),
             "rng": checkpoint.rng_state(),
             "metrics": json.dumps(self.records),
         }))
+        ray.get(self.cloud.prune.remote())
+        self.client_states.prune()
+        return written
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Put a checkpoint's state back: server side here, the cloud's in the cloud actor."""
@@ -311,7 +323,7 @@ class Federation:
         self.start_heads = [to_record(h) for h in checkpoint.decode(state.get("start_heads", state["heads"]))]
         for strategy, saved in zip(self.strategies, checkpoint.decode(state["strategies"])):
             load_strategy_state(strategy, saved)
-        self.client_states = {int(p): s for p, s in checkpoint.decode(state["client_states"]).items()}
+        self.client_states.load_state(state["client_states"])
         cloud = state["cloud"]
         ray.get(self.cloud.load_state.remote({
             "tails": checkpoint.decode(cloud["tails"]), "optimizers": cloud["optimizers"],
@@ -328,7 +340,7 @@ class Federation:
                                    "namespace": self.plan.namespace})
             messages += list(strategy.configure_train(r, self.heads[g], config, grid))
         for m in messages:
-            own = self.client_states.get(self.pid_of[m.metadata.dst_node_id])
+            own = self.client_states.get(str(self.pid_of[m.metadata.dst_node_id]))
             if own:
                 m.content[CLIENT_STATE] = to_record(own)
         return messages
@@ -376,7 +388,7 @@ class Federation:
         for p in ok:  # the client's own state comes back with a successful reply only
             own = by_pid[p].content.pop(CLIENT_STATE, None)
             if own is not None:
-                self.client_states[p] = from_record(own)
+                self.client_states.put(str(p), from_record(own))
         clients, strategy_metrics = [], {}
         self.start_heads = list(self.heads)
         for g, strategy in enumerate(self.strategies):
@@ -419,7 +431,7 @@ class Federation:
     def _save(self, directory: Path) -> None:
         """Keep what the cloud saw and the models (before Flower shuts Ray down)."""
         directory.mkdir(parents=True, exist_ok=True)
-        ray.get(self.cloud.view.remote()).save(str(directory / "view.npz"))
+        ray.get(self.cloud.save_view.remote(str(directory / "view.npz")))
         tails = ray.get(self.cloud.all_tail_states.remote())
         attack_models = ray.get(self.cloud.attack_models.remote())
         tensors = lambda state: {k: torch.tensor(v) for k, v in state.items()}  # noqa: E731

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.view import ClientView, FeatureStore, Reservoir, load_view
+from sim.checkpoint import RoundShards
 from sim.cloud import CloudSession, average_states, make_optimizer
 from sim.config import ConfigError, GroupConfig, SimConfig, config_from_dict, load_config, validate
 from attacks.completion import MaliciousOptimizer
@@ -109,17 +110,43 @@ def test_reservoir_is_bounded_uniform_and_seeded():
 
 
 def test_feature_store_keeps_latest_round_adds_bytes_and_round_trips(tmp_path):
-    store = FeatureStore()
+    store = FeatureStore(tmp_path / "shards")
     feats = lambda n, hw: np.ones((n, 8, hw, hw), np.float32)  # noqa: E731
     store.put(ClientView(0, 0, 4, 1, np.array([1, 2]), feats(2, 7), 2, 10, 5))
     store.put(ClientView(0, 0, 4, 2, np.array([3]), feats(1, 7), 1, 10, 5))
     store.put(ClientView(1, 1, 2, 2, np.array([4, 5, 6]), feats(3, 14), 3, 1, 1))
-    assert store.clients[0].round == 2 and store.clients[0].bytes_received == 20
+    assert store.get(0).round == 2 and store.get(0).bytes_received == 20
     store.save(str(tmp_path / "v.npz"))
     view = load_view(str(tmp_path / "v.npz"))
     assert sorted(view) == [2, 4]
     assert view[4]["sample_ids"].tolist() == [3] and view[4]["rounds"].tolist() == [2]
     assert view[2]["features"].shape == (3, 8, 14, 14) and view[2]["group_ids"].tolist() == [1, 1, 1]
+    # on disk after a flush, the same view from the shard; back from the checkpoint state alone
+    assert store.flush(2) > 0 and list((tmp_path / "shards").iterdir()) == [tmp_path / "shards" / "r00002.npz"]
+    back = FeatureStore(tmp_path / "shards")
+    back.load_state(store.state())
+    back.save(str(tmp_path / "back.npz"))
+    again = load_view(str(tmp_path / "back.npz"))
+    for cut in view:
+        for name in view[cut]:
+            np.testing.assert_array_equal(again[cut][name], view[cut][name])
+
+
+def test_round_shards_keep_only_what_changed_and_prune_what_no_index_points_to(tmp_path):
+    shards = RoundShards(tmp_path)
+    shards.put("a", {"x": np.arange(3)})
+    shards.put("b", {"x": np.arange(4)})
+    first = shards.flush(1)
+    shards.put("a", {"x": np.arange(5)})
+    assert 0 < shards.flush(2) < first  # round 2 writes a's new arrays only
+    assert shards.get("a")["x"].tolist() == list(range(5)) and shards.get("b")["x"].tolist() == list(range(4))
+    shards.put("b", {"x": np.zeros(1)})
+    shards.flush(3)
+    shards.prune()  # round 1's shard holds nothing current any more
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r00002.npz", "r00003.npz"]
+    with pytest.raises(RuntimeError, match="not flushed"):
+        shards.put("c", {"x": np.zeros(1)})
+        shards.state()
 
 
 def test_average_states_is_weighted():

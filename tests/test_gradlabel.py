@@ -98,7 +98,7 @@ def test_vanilla_view_has_no_gradients_and_gradients_survive_save_and_checkpoint
                         np.zeros(6, np.int64))
     vanilla = session.view(0, 0, spec.cut, 1, spec.feature_shape)
     assert vanilla.grads is None
-    store = FeatureStore()
+    store = FeatureStore(tmp_path / "shards")
     store.put(vanilla)
     store.save(str(tmp_path / "vanilla.npz"))
     assert "grads" not in load_view(str(tmp_path / "vanilla.npz"))[spec.cut]
@@ -112,12 +112,13 @@ def test_vanilla_view_has_no_gradients_and_gradients_survive_save_and_checkpoint
     view = load_view(str(tmp_path / "mixed.npz"))[4]
     assert view["grads"].shape == (4 + 3, 256)  # the vanilla client kept 4 rows (capacity)
     assert np.isnan(view["grads"][view["client_ids"] == 0]).all()  # no gradients: NaN rows
-    np.testing.assert_array_equal(view["grads"][view["client_ids"] == 1], store.clients[1].grads)
+    np.testing.assert_array_equal(view["grads"][view["client_ids"] == 1], store.get(1).grads)
+    store.flush(1)
     torch.save(checkpoint.encode(store.state()), tmp_path / "ckpt.pt")
-    back = FeatureStore()
+    back = FeatureStore(tmp_path / "shards")
     back.load_state(checkpoint.decode(torch.load(tmp_path / "ckpt.pt", weights_only=True)))
-    np.testing.assert_array_equal(back.clients[1].grads, store.clients[1].grads)
-    assert back.clients[0].grads is None
+    np.testing.assert_array_equal(back.get(1).grads, store.get(1).grads)
+    assert back.get(0).grads is None
 
 
 def test_recorded_gradients_are_aligned_with_sample_ids(undefended):
