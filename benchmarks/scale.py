@@ -6,7 +6,10 @@ more clients, the less data each). Peak memory is that of the whole process tree
 Ray's processes, the client actors and the cloud), sampled while it runs.
 
     python -m benchmarks.scale                        # 10, 50, 200 and 1000 clients, fraction 0.1
-    python -m benchmarks.scale --clients 1000 --rounds 3
+    python -m benchmarks.scale --clients 1000 10000 --fraction 0.01 --rounds 3
+
+Checkpoint seconds and megabytes are per round (round 1 on): the round's shards (the views and
+client states it changed) plus ``checkpoint.pt``, as the run's ``checkpoints.jsonl`` records.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--protocol", default=SimConfig.protocol, choices=["sflv1", "sflv2"])
     args = p.parse_args()
-    print("| clients | sampled per round | s/round (round 2 on) | first round s | total s | peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | sampled per round | s/round (round 2 on) | first round s | checkpoint s/round "
+          "| checkpoint MB/round | total s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.clients:
         cfg = SimConfig(clients=n, rounds=args.rounds, fraction=args.fraction, protocol=args.protocol)
-        rounds, total, peak = simulator(cfg)
-        steady = np.mean(rounds[1:]) if len(rounds) > 1 else rounds[0]
-        print(f"| {n} | {max(1, int(n * args.fraction))} | {steady:.1f} | {rounds[0]:.1f} | {total:.1f} "
-              f"| {peak:.0f} |", flush=True)
+        run = simulator(cfg)
+        steady = np.mean(run.rounds[1:]) if len(run.rounds) > 1 else run.rounds[0]
+        ckpt_s = np.mean([c["seconds"] for c in run.checkpoints])
+        ckpt_mb = np.mean([c["bytes"] for c in run.checkpoints]) / 2**20
+        print(f"| {n} | {max(1, int(n * args.fraction))} | {steady:.1f} | {run.rounds[0]:.1f} | {ckpt_s:.2f} "
+              f"| {ckpt_mb:.2f} | {run.total:.1f} | {run.peak_mb:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
