@@ -3,7 +3,7 @@
 The cloud has its auxiliary images processed by the client's head and defense (query access),
 and trains an inverse network from those features back to the images; it then applies it to
 the victims' recorded features. Every batch re-queries, so the decoder sees fresh defense noise
-each time, as a noise-aware attacker that knows sigma would simulate it (CEM §B.1).
+each time, as a noise-aware attacker that knows sigma would simulate it (CEM, docs/papers.md B.1).
 
 It trains to convergence (:mod:`attacks.training`): a validation slice of the auxiliary data
 is held out, the learning rate is cut when its MSE stops falling, training stops once it has

@@ -1,4 +1,4 @@
-"""CEM's GAN-based inversion: WGAN-GP refinement of the trained decoder (spec B.1.2 / D.3.3).
+"""CEM's GAN-based inversion: WGAN-GP refinement of the trained decoder (docs/papers.md B.1.2 / D.3.3).
 
 The decoder attack's inverse network becomes the generator; a critic learns to tell the
 auxiliary images from the generator's reconstructions of their features, and the generator is

@@ -1,10 +1,10 @@
-"""Reproduce CEM's defense table (spec B.3) on the simulator's reference split model.
+"""Reproduce CEM's defense table (docs/papers.md B.3) on the simulator's reference split model.
 
 For each base obfuscation, with and without CEM: noise at sigma 0.025 / 0.05 / 0.1, the
 adversarial decoder (gan_adv) and feature dropout, the two latter with the repo's small noise
-(sigma 0.025, spec A.5: "for every other base defense the scripts also turn on small noise").
+(sigma 0.025, docs/papers.md A.5: "for every other base defense the scripts also turn on small noise").
 It prints accuracy, the decoder attack's MSE and SSIM, and CEM's relative MSE gain over the same
-base. Then the matched-accuracy comparison the calibration asks for: noise alone swept up to
+base. Then the matched-accuracy comparison the calibration (docs/calibration.md) asks for: noise alone swept up to
 sigma 0.3 against noise + CEM, accuracy against the attacker's MSE (table and PNG), since at
 equal sigma CEM buys privacy with accuracy and only equal accuracy says whether it is a better
 trade. Training and attack: :mod:`benchmarks.reproduction` (centralised, small by default).

@@ -1,11 +1,11 @@
-"""Reproduce InfoScissors' accuracy-vs-leakage comparisons (spec C.5-C.7, D.7) on the reference split.
+"""Reproduce InfoScissors' accuracy-vs-leakage comparisons (docs/papers.md C.5-C.7, D.7) on the reference split.
 
 Input leakage: InfoScissors' input regulariser (``lam_x``) against the paper's baselines
 (Gaussian noise = AN, Laplace = DP, top-k = DC, MID, PPDL), each at several strengths, attacked
 by the query decoder and by Knowledge Alignment (KA: only the trained tail): a table of accuracy
 and decoder SSIM / MSE and KA SSIM per setting, and accuracy-vs-SSIM curves per defense (two
 PNGs). The paper's claim to check: InfoScissors lowers SSIM at a smaller accuracy cost than the
-baselines (under 3 points, spec C.7).
+baselines (under 3 points, docs/papers.md C.7).
 
 Prediction leakage: the same models trained in the U-shaped split, with InfoScissors' prediction
 regulariser (``lam_y``) on, attacked by passive model completion (pmc): a table of accuracy and
@@ -38,7 +38,7 @@ from typing import Sequence
 
 from benchmarks.reproduction import Harness, Outcome, add_scale_args, markdown_table, plot_curves, scale_from_args
 
-# Strengths from weak to strong (spec D.7's sweeps, at the ends that matter on [0, 1] features).
+# Strengths from weak to strong (docs/papers.md D.7's sweeps, at the ends that matter on [0, 1] features).
 SWEEPS = {
     "infoscissors": ("infoscissors(lam_x=0.3)", "infoscissors(lam_x=1.0)", "infoscissors(lam_x=3.0)"),
     "noise (AN)": ("noise(sigma=0.05)", "noise(sigma=0.1)", "noise(sigma=0.3)"),

@@ -2,14 +2,14 @@
 
 A paper's defense table is reproduced on the simulator's reference split model, trained
 *centrally* on a subset of the training set (one client holding all of it, as in CEM's own
-experiments, spec A.6: ``num_client = 1``): the head and tail are ``sim.models``' ones, the
+experiments, docs/papers.md A.6: ``num_client = 1``): the head and tail are ``sim.models``' ones, the
 defense comes from ``defenses.build_defense``, and each batch runs exactly as a client's
 ``sim.client.local_train`` step does (``z = head(x)``, the tail sees ``defense(z)``, the head's
 loss adds ``defense.loss(x, z, y)``, ``on_epoch_end`` gets eval-mode clean features before the
 first epoch and after each one), with Adam 1e-3 as in ``sim.cloud.make_optimizer``. The attack
 is the simulator's ``decoder`` attack with query access: the attacker has a disjoint public
 part of the test set processed by the trained head and defense (fresh noise per query) and is
-scored on the rest of the test set, as in the calibration.
+scored on the rest of the test set, as in the calibration (docs/calibration.md).
 With ``ka=True`` the same victims' features are also attacked by Knowledge Alignment (``ka``,
 knowledge level "none": only the trained tail and the labelled public images), a decoder whose
 surrogate head is aligned through the tail instead of queried.

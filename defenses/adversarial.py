@@ -1,4 +1,4 @@
-"""Adversarial representation learning: CEM repo's ``gan_adv`` (spec A.5, D.4; ResSFL-style).
+"""Adversarial representation learning: CEM repo's ``gan_adv`` (docs/papers.md A.5, D.4; ResSFL-style).
 
 The client trains a simulated inversion attacker (a decoder, see :mod:`defenses.simulated`)
 each batch to *maximise* the SSIM of its reconstructions of x from the detached features, and

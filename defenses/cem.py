@@ -1,19 +1,19 @@
-"""CEM: conditional-entropy maximisation, a regulariser plugged into a noise defense (spec A, D.2).
+"""CEM: conditional-entropy maximisation, a regulariser plugged into a noise defense (docs/papers.md A, D.2).
 
 Xia et al. (CVPR 2025) bound any inversion attacker's MSE from below by the conditional entropy
 H(x|z) of the input given the transmitted feature z = f(x) + ε, ε ~ N(0, σ²I). Modelling the
 clean features of each class as a K-component Gaussian mixture, maximising the lower bound on
-H(x|z) means minimising (spec A.3, diagonal form)
+H(x|z) means minimising (docs/papers.md A.3, diagonal form)
 
     L_C = mean over classes c present of  Σ_k π_ck · mean_j log(v_ckj + σ²),
 
 the within-component spread of the clean features measured against the noise power. The head's
-loss becomes L = L_task + lam · L_C (the plain "paper" form; spec D.2). Gradient reaches the
+loss becomes L = L_task + lam · L_C (the plain "paper" form; docs/papers.md D.2). Gradient reaches the
 head only: L_C depends on the clean z alone, the centroids are constants.
 
 What this implementation does, and why:
 
-* **Mixture fit** (spec A.3 [CODE], D.2, D.9): hard k-means per class on the client's own clean
+* **Mixture fit** (docs/papers.md A.3 [CODE], D.2, D.9): hard k-means per class on the client's own clean
   features, in :meth:`on_epoch_end` (the simulator passes eval-mode features after aggregation
   and after every local epoch). K = ``k`` components per class; warm start from the previous
   centroids, k-means++ for missing ones; at most ``MAX_ITERS`` Lloyd iterations (stopping when
@@ -32,18 +32,18 @@ What this implementation does, and why:
   classes present of Σ_k term. This is the paper-faithful diagonal objective (CEM repo's older
   ``model_training_GMM.py`` form, the "older variant", the form calibrated here
   on Fashion-MNIST). The released repo's blending with the stored v̄, its hinge and
-  γ = 0.01 (spec A.4) are *not* used: they are variance reduction and a floor specific to the
-  repo's LR-rescaled gradient, and the plain form is the one the calibration measured.
-* **CEM off in the first epoch** (spec A.4 "e >= 2", D.2): the loss is 0 until centroids exist,
+  γ = 0.01 (docs/papers.md A.4) are *not* used: they are variance reduction and a floor specific to the
+  repo's LR-rescaled gradient, and the plain form is the one the calibration (docs/calibration.md) measured.
+* **CEM off in the first epoch** (docs/papers.md A.4 "e >= 2", D.2): the loss is 0 until centroids exist,
   and the very first fit of a fresh client is skipped until it has trained some batches, so
   round 1's pre-training call (features of an untrained head) fits nothing; the first mixture is
   fitted after the client's first local epoch and warm-started from then on.
-* **Noise** (spec A.1, A.5, D.1): CEM presupposes noise; σ is the noise standard deviation.
+* **Noise** (docs/papers.md A.1, A.5, D.1): CEM presupposes noise; σ is the noise standard deviation.
   Composed with a ``noise`` part (``"noise(sigma=0.05)+cem(lam=0.05)"``) CEM takes σ from it via
   the :meth:`attach` hook (several noise parts: σ² summed; ``laplace`` counts with its standard
   deviation sqrt(2)/ε) and sends z unchanged itself. Without a noise part in the chain (``cem``
   alone, or with dropout / top-k / ...), CEM adds N(0, σ²) itself in its ``forward`` (train and
-  inference) with σ = ``sigma`` or ``DEFAULT_SIGMA`` = 0.05 (spec A.5: "for every other base
+  inference) with σ = ``sigma`` or ``DEFAULT_SIGMA`` = 0.05 (docs/papers.md A.5: "for every other base
   defense the scripts also turn on small noise"). Put ``cem`` first in such a chain to add the
   noise before dropout/top-k as the repo does. An explicit ``sigma`` that contradicts the chain's
   noise is an error.
@@ -53,9 +53,9 @@ What this implementation does, and why:
 ``report()``: ``bound`` = mean L_C over this round's batches where CEM was active (NaN if none),
 ``within-var`` = mean squared distance per entry of the client's clean features to their
 centroid at the latest fit, ``logdet`` = Σ_k π_k mean_j log(v_kj + σ²) averaged over the
-client's samples at the latest fit (spec B.3's monitor, diagonal form), and ``mixture-info`` =
+client's samples at the latest fit (docs/papers.md B.3's monitor, diagonal form), and ``mixture-info`` =
 ``logdet`` − log σ² = Σ_k π_k mean_j log(1 + v_kj/σ²): the Gaussian-mixture term of the bound
-(spec A.3 step 3: H(x|z) >= H(x) − H(π) − (m/2)·mixture-info), so the attacker's MSE floor
+(docs/papers.md A.3 step 3: H(x|z) >= H(x) − H(π) − (m/2)·mixture-info), so the attacker's MSE floor
 ξ >= exp(2H(x|z)/d)/(2πe) falls as it grows. Unlike ``logdet`` it does not grow with σ itself,
 which makes it comparable across clients with different noise (the per-client theory audit,
 ``attacks.report.cem_audit``).

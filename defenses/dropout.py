@@ -1,4 +1,4 @@
-"""Feature dropout: zero each entry of z with probability p (spec A.5 / D.5, CEM's ``dropoutP``).
+"""Feature dropout: zero each entry of z with probability p (docs/papers.md A.5 / D.5, CEM's ``dropoutP``).
 
 As in the CEM repo's ``dropout_defense`` (``masked_fill(rand < p, 0)``) the mask is drawn in
 training *and* at inference, so the cloud never sees a complete feature, and the kept entries

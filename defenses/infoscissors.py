@@ -1,4 +1,4 @@
-"""InfoScissors' two leakage regularisers (Duan et al., NeurIPS 2024; spec C.3, C.4, D.6).
+"""InfoScissors' two leakage regularisers (Duan et al., NeurIPS 2024; docs/papers.md C.3, C.4, D.6).
 
 **Input leakage** (``lam_x``): a CLUB-style variational upper bound on the mutual information
 between the input x and the feature z, with a client-side Gaussian decoder q(x|z) = N(g(z), s²I)
@@ -22,7 +22,7 @@ classifier q_phi(y|h), an MLP ``flatten(h) -> y_width -> ReLU -> classes``:
 Each U-shaped batch, in :meth:`InfoScissors.output_loss`, phi first takes one step of its own
 Adam on ``CE(q(h.detach()), y)`` (the simulated model-completion attacker), then the client's
 objective adds ``lam_y`` times the bound through q with frozen parameters; its gradient flows
-into h only, so dL/dh sent to the cloud carries it into the honest cloud's tail (spec C.4) and,
+into h only, so dL/dh sent to the cloud carries it into the honest cloud's tail (docs/papers.md C.4) and,
 through dL/dz, into the head: both learn an h from which q cannot tell this sample's label from
 any other's, while the client's last layer, trained jointly on the plain CE, still decodes y.
 Measured at small scale (tests/test_prediction_leakage.py): ``lam_y = 0.3`` lowers a 40-label

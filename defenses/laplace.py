@@ -1,4 +1,4 @@
-"""Local differential privacy on z: i.i.d. Laplace noise of scale b = 1/epsilon (spec A.5, C.6).
+"""Local differential privacy on z: i.i.d. Laplace noise of scale b = 1/epsilon (docs/papers.md A.5, C.6).
 
 The Laplace mechanism adds Lap(Δ/ε) per entry; we take the sensitivity Δ = 1 because the head
 ends in a Sigmoid, so every entry of z lies in [0, 1] and changes by at most 1 between any two

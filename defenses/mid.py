@@ -1,11 +1,11 @@
-"""MID: a variational information bottleneck between the head and the wire (spec C.6, D.7).
+"""MID: a variational information bottleneck between the head and the wire (docs/papers.md C.6, D.7).
 
 Zou et al.'s MID as implemented in VFLAIR's ``MID_model``: z (flattened, d entries) goes
 through an encoder ``Linear(d -> 2d) + ReLU`` whose output is split into μ and ρ; the
 standard deviation is ``softplus(ρ - std_shift)`` (std_shift = 0.5); a sample μ + std·ε is
 decoded by ``Linear(d -> hidden·d) + ReLU + Linear(hidden·d -> d)`` back to z's shape, and the
 client's loss gets ``lam · KL(N(μ, std²) || N(0, I))``, summed over the d bottleneck entries,
-averaged over the batch and divided by d ("normalised by the feature size", spec C.6) — i.e.
+averaged over the batch and divided by d ("normalised by the feature size", docs/papers.md C.6) — i.e.
 the mean KL per entry. What the cloud receives is the decoder's output.
 
 Choices (documented deviations or settings):

@@ -2,7 +2,7 @@
 
 Vepakomma et al. ("NoPeek", 2020) add α·dCor(x, z) to the client's loss, computed on the
 batch, so that z keeps the label information the task needs but as little of the geometry of
-x as possible (spec A.5: CEM's ``nopeek`` flag; D.5). The loss sees the clean z (before any
+x as possible (docs/papers.md A.5: CEM's ``nopeek`` flag; D.5). The loss sees the clean z (before any
 noise / dropout) and is differentiable w.r.t. it; nothing changes in what is sent.
 
 ``alpha`` is the effective weight of the term: the CEM repo multiplies its

@@ -1,6 +1,6 @@
 """PPDL: Shokri & Shmatikov's (CCS 2015) differentially private selective sharing, on z.
 
-Spec C.6 / D.7 (the InfoScissors baseline, after Fu et al.'s ``dp_gc_ppdl``): per sample, only
+docs/papers.md C.6 / D.7 (the InfoScissors baseline, after Fu et al.'s ``dp_gc_ppdl``): per sample, only
 c = round(theta·m) of z's m entries are sent, chosen by the sparse-vector technique, and the
 rest is zeroed. Entries are visited in a random order; entry j passes if
 
@@ -19,8 +19,8 @@ Parameters and defaults:
   (threshold scale b ≈ 49 and value scale ≈ 195 at ε = 1.8, Fu et al.'s value, which suits their
   tiny gradients, not features in [0, 1]). At 2000, b ≈ 0.044 and the value scale ≈ 0.18
   (std ≈ 0.25): a heavily perturbed but learnable operating point (a short test training of the
-  calibration model reached 75 % vs 81 % undefended; ε = 500 gave 47 %). As a DP guarantee this
-  ε is vacuous; treat epsilon as the strength knob to sweep (lower = stronger).
+  calibration model (docs/calibration.md) reached 75 % vs 81 % undefended; ε = 500 gave 47 %).
+  As a DP guarantee this ε is vacuous; treat epsilon as the strength knob to sweep (lower = stronger).
 * ``gamma`` = 1.0: the clipping bound of shared values (z itself is in [0, 1], so clipping acts
   on the noise; Fu et al.'s 0.001 is a gradient-scale value).
 * ``tau`` = 0.5: the threshold of the test, the middle of the Sigmoid range, so that entries

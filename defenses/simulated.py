@@ -1,8 +1,8 @@
 """A client-side simulated inversion attacker: the common part of ``adversarial`` and ``infoscissors``.
 
 Both defenses train, on the client, a small decoder that plays the cloud's inversion attacker
-(CEM repo's gan_adv, spec D.4; InfoScissors' variational decoder q(x|z), spec C.3-C.4), and
-penalise the head by how well that decoder does. Each batch, in :meth:`loss`:
+(CEM repo's gan_adv, docs/papers.md D.4; InfoScissors' variational decoder q(x|z), docs/papers.md
+C.3-C.4), and penalise the head by how well that decoder does. Each batch, in :meth:`loss`:
 
 1. **Attacker step**: the decoder takes one step of its own Adam optimiser on
    ``(z.detach(), x)``: the detached features keep the attacker's objective out of the head,

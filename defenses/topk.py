@@ -1,9 +1,9 @@
-"""Top-k pruning of z, the compression ("DC") baseline (spec A.5, C.6, D.5, D.7).
+"""Top-k pruning of z, the compression ("DC") baseline (docs/papers.md A.5, C.6, D.5, D.7).
 
 Per sample, the ``ratio`` fraction of z's entries with the smallest magnitude is zeroed and the
 rest is sent unchanged (exactly ``round(ratio * m)`` entries of the m per sample; ties are broken
 by ``torch.topk``). This is deliberately *per sample*: the CEM repo's ``prune_defense`` ranks the
-whole batch tensor, which makes each sample's sparsity depend on its batch-mates (spec A.7 item
+whole batch tensor, which makes each sample's sparsity depend on its batch-mates (docs/papers.md A.7 item
 5), and Fu et al.'s ``TensorPruner`` likewise thresholds a whole tensor. Ranking by magnitude
 follows ``TensorPruner`` (for the Sigmoid head z >= 0, so magnitude and value agree). Applied in
 training and at inference; the gradient flows through the kept entries.

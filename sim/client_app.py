@@ -37,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     arrays = next(v for k, v in msg.content.array_records.items() if k != CLIENT_STATE)
     config = next(iter(msg.content.config_records.values()))
-    torch.set_num_threads(1)  # one torch thread per actor: more collapse on busy cores (notes)
+    torch.set_num_threads(1)  # one torch thread per actor: more collapse on busy cores (docs/flower-ray.md)
     rt = get_runtime(str(config["cloud"]), str(config["namespace"]))
     pid = int(context.node_config["partition-id"])
     head_in = from_record(arrays)

@@ -47,7 +47,7 @@ LABEL_BYTES = 8  # labels travel as int64
 
 
 def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
-    """The optimiser of heads and tails alike (Adam, as in the calibration runs)."""
+    """The optimiser of heads and tails alike (Adam, as in the calibration runs: docs/calibration.md)."""
     return torch.optim.Adam(params, lr=lr)
 
 

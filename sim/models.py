@@ -24,7 +24,7 @@ from torch import nn
 ARCHS: dict[str, tuple[list[int | str], tuple[int, ...]]] = {
     # CEM's VGG-11 (cfg "A") with BN, for 32x32 RGB inputs.
     "vgg11_bn": ([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], (512, 512)),
-    # A scaled-down VGG for 28x28 gray inputs (the model the calibration runs used).
+    # A scaled-down VGG for 28x28 gray inputs (the calibration's model, docs/calibration.md).
     "small": ([32, "M", 64, "M", 128, "M"], (256,)),
 }
 

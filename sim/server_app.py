@@ -199,7 +199,7 @@ def run_waves(grid: Grid, cloud: Any, r: int, waves: list[tuple[list[Message], l
 
 
 def _wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
-    """Flower's ``main`` can start before the simulated nodes register (notes, pitfall 1)."""
+    """Flower's ``main`` can start before the simulated nodes register (docs/flower-ray.md, pitfall 1)."""
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:

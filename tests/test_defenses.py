@@ -3,7 +3,7 @@
 Mechanical properties (noise scale, zeroed fractions, composition, state round-trips) are
 checked on features of real images through a freshly initialised head. Training effects
 (NoPeek's distance correlation, MID's KL, CEM's within-cluster variance) come from short
-centralized trainings of the calibration head (``SplitSpec("small")``, z of shape 8x7x7 in
+centralized trainings of the calibration head (docs/calibration.md; ``SplitSpec("small")``, z of shape 8x7x7 in
 [0, 1]) with Adam 1e-3, each trained once per module. To keep the module fast on two busy
 cores, the cloud's tail is replaced by a small MLP in those trainings (the defenses act on the
 head's side only) and the training runs like ``sim.client.local_train``: ``z = head(x)``,
@@ -381,7 +381,7 @@ def test_cem_is_off_until_fitted_after_first_epoch(real_z):
     z, y = real_z
     d = built("cem(lam=1.0)")
     assert d.wants_epoch_features()
-    d.on_epoch_end(z, y)  # a fresh client before training: nothing fitted (spec: off in epoch 1)
+    d.on_epoch_end(z, y)  # a fresh client before training: nothing fitted (docs/papers.md A.4: off in epoch 1)
     assert not d.fitted() and float(d.loss(None, z, y)) == 0.0  # (this is a trained batch)
     d.on_epoch_end(z, y)  # after a trained batch it fits
     assert d.fitted()
@@ -492,7 +492,7 @@ def test_cem_raises_the_decoder_attacks_error_over_its_noise_base():
     seeds 0 / 1 (this test runs seed 0): noise(sigma=0.05) MSE 0.0179 / 0.0185, SSIM
     0.507 / 0.570, accuracy 0.828 / 0.849; + cem(lam=0.5) MSE 0.0221 / 0.0229 (+24 % both),
     SSIM 0.479 / 0.534, accuracy 0.855 / 0.846 (lam=0.1, seed 0: +11 %). Re-training a head
-    moves MSE by ~10 % (calibration), so the test asks for half the measured gain, 12 %.
+    moves MSE by ~10 % (docs/calibration.md), so the test asks for half the measured gain, 12 %.
     """
     from benchmarks.reproduction import Harness, Scale
 

@@ -1,7 +1,7 @@
 """InfoScissors' prediction-leakage term (``lam_y``) on real Fashion-MNIST in the U-shaped split.
 
 Unit checks use the cloud's output h of real images through a freshly initialised U-shaped
-calibration model (``SplitSpec("small", split="ushaped")``, h of width 256). The measured
+calibration model (docs/calibration.md; ``SplitSpec("small", split="ushaped")``, h of width 256). The measured
 effect trains that model centrally the way ``sim.client.local_train`` does in the U-shaped
 split: z = head(x), h = tail(z), loss = CE(last(h)) + ``defense.output_loss(h, y)``, one Adam
 1e-3 over head, tail and last layer (the defense's phi steps itself). With ``lam_x=0`` the
