@@ -20,7 +20,7 @@ phase trains with :func:`attacks.training.fit_until_converged` on a held-out val
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,8 @@ from torch import nn
 from attacks.base import Attack, AttackError, Knowledge
 from attacks.decoder import decode, reconstruction_loss
 from attacks.gan import Critic, gradient_penalty
-from attacks.models import build_decoder
 from attacks.training import Budget, Curve, fit_until_converged, split_validation
+from sim.decoders import build_decoder
 from sim.models import build_head
 
 CRITICS = ("bce", "wgan-gp")  # SDAR's binary GAN loss; FORA's Wasserstein loss with penalty
@@ -211,7 +211,8 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
     ``h`` are the substitute's pre-defense features of ``aux01``; the public defense is applied
     per batch, so a stochastic one draws fresh noise each time (a noise-aware attacker). The
     loss is the decoder attack's (:func:`attacks.decoder.reconstruction_loss`: MSE plus
-    ``ssim_weight`` (1 - SSIM); the papers use the MSE alone, ``ssim_weight=0``); with ``image_critic`` and ``image_adv > 0``
+    ``ssim_weight`` (1 - SSIM); the papers use the MSE alone, ``ssim_weight=0``); with
+    ``image_critic`` and ``image_adv > 0``
     (SDAR's decoder discriminator), a binary critic also learns to tell auxiliary images from
     decodings of ``observed`` features and the decoder is pushed to fool it, so that decodings
     of the victims' features look like real images. Validation: that loss on held-out images.

@@ -22,8 +22,9 @@ syntax: ``build_attack("decoder", epochs=5)`` or ``build_attack("decoder(epochs=
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -90,7 +91,8 @@ class Knowledge:
     def __post_init__(self) -> None:
         if self.defense is None:  # the public spec is always known
             self.defense = build_defense(self.defense_spec)
-            self.defense.bind(self.feature_shape, self.image_shape)
+            if self.split is not None:  # unbound, a defense with layers says so when used
+                self.defense.bind(self.split)
             self.defense.eval()
         rank = _level_rank(self.level)
         if (self.head is not None or self.last is not None) and rank < _level_rank("whitebox"):
@@ -148,7 +150,7 @@ class Knowledge:
             defense_mod = copy.deepcopy(defense)
         else:
             defense_mod = build_defense(defense_spec)
-            defense_mod.bind(spec.feature_shape, spec.in_shape)
+            defense_mod.bind(spec)
         defense_mod.eval()
         public = dict(defense_mod.public_params()) if hasattr(defense_mod, "public_params") else {}
         query = head_copy = start_query = None

@@ -14,15 +14,15 @@ depending on the head and defense, and stopping short understates the leakage.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Attack, Knowledge, register
-from attacks.models import build_decoder
 from attacks.training import Budget, Curve, fit_until_converged, split_validation
+from sim.decoders import build_decoder
 
 Oracle = Callable[[torch.Tensor], torch.Tensor]
 

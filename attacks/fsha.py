@@ -5,7 +5,7 @@ learning it chooses the gradient the client trains its head with, so it can make
 produce features it already knows how to invert. Per cut layer it holds (paper §3.2):
 
 * a pilot encoder f~ with the head's architecture, and an inverse network f~^-1 (CEM's decoder,
-  :func:`attacks.models.build_decoder`), trained as an autoencoder on public auxiliary images
+  :func:`sim.decoders.build_decoder`), trained as an autoencoder on public auxiliary images
   (Eq. 2: MSE between x_pub and f~^-1(f~(x_pub))), so f~'s feature space is invertible;
 * a discriminator D on feature space, trained to tell f~(x_pub) from the client's z with the
   WGAN-GP loss (Eq. 4: D(f~(x_pub)) - D(z) plus the gradient penalty on interpolates);
@@ -40,7 +40,7 @@ from torch import nn
 from attacks.base import Attack, AttackError, Knowledge, register
 from attacks.decoder import decode, reconstruction_loss
 from attacks.gan import gradient_penalty
-from attacks.models import build_decoder
+from sim.decoders import build_decoder
 from sim.models import SplitSpec, build_head, load_numpy_state, normalise, state_to_numpy
 
 INVERSE = "fsha_inverse"  # the inverse network's name among the cloud's attack models

@@ -15,7 +15,7 @@ epochs, a narrow decoder); off by default in the simulator's ``--attacks``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -53,12 +53,11 @@ expected to hide labels from this attack (not measured).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import numpy as np
 from scipy.optimize import linear_sum_assignment
+from torch import nn
 
 from attacks.base import Attack, AttackError, Knowledge, register
 

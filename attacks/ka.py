@@ -28,7 +28,7 @@ tail then pins down more tightly than the loose clean feature space. The surroga
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from torch import nn
 from attacks.base import Attack, AttackError, Knowledge, register
 from attacks.decoder import decode, train_decoder
 from attacks.training import Budget, Curve, fit_until_converged, split_validation
-from attacks.models import build_decoder
+from sim.decoders import build_decoder
 from sim.models import build_head
 
 

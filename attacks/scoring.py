@@ -13,7 +13,9 @@ their accuracy.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +29,8 @@ def per_image_metrics(recon01: torch.Tensor, true01: torch.Tensor) -> dict[str, 
     if recon01.shape != true01.shape:
         raise ValueError(f"reconstructions {tuple(recon01.shape)} and true images "
                          f"{tuple(true01.shape)} differ in shape")
-    # Imported here: torchmetrics takes seconds to import, and every process that records
-    # features imports this package (attacks.view) without ever scoring.
+    # Imported here: torchmetrics takes seconds to import, and most processes that import the
+    # attacks (every client actor, through the cloud's session) never score.
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     recon01, true01 = recon01.detach().float().cpu(), true01.detach().float().cpu()
@@ -104,3 +106,46 @@ class Scorer:
         aux = torch.as_tensor(aux_images01, dtype=torch.float32)
         mean = aux.mean(0, keepdim=True).expand(len(np.asarray(sample_ids)), *aux.shape[1:])
         return self.score(sample_ids, mean.contiguous())
+
+
+WORST = "worst-case"  # the pseudo-attack of each client's strongest inversion result
+WORST_LABELS = "worst-case-labels"  # ... and of its strongest label inference
+# per metric: which way is worse for the client (more leakage)
+_WORSE = {"ssim": max, "psnr": max, "mse": min, "completion_accuracy": max}
+
+
+def worst_case(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per client and attacked round, the strongest attack's result on every metric.
+
+    A defense is as good as its worst attack: for each (round, client) this gives the highest
+    SSIM and PSNR and the lowest MSE over the inversion attacks (``attack = "worst-case"``),
+    and the highest label accuracy over the label-inference attacks (``"worst-case-labels"``),
+    each with the attack that reached it (``ssim_attack``, ...). Metrics may come from
+    different attacks: each is the client's worst case on that metric.
+    """
+    by_client: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["attack"] not in (WORST, WORST_LABELS):
+            by_client[(row["round"], row["partition_id"])].append(row)
+    out = []
+    for _, mine in sorted(by_client.items()):
+        for name, metrics in ((WORST, ("ssim", "psnr", "mse")), (WORST_LABELS, ("completion_accuracy",))):
+            scored = [r for r in mine if metrics[0] in r]
+            if not scored:
+                continue
+            worst = {k: v for k, v in scored[0].items() if k not in ATTACK_FIELDS}
+            worst |= {"attack": name, "attacks": "+".join(r["attack"] for r in scored)}
+            for metric in metrics:
+                best = _WORSE[metric](scored, key=lambda r: r[metric])
+                worst[metric], worst[f"{metric}_attack"] = best[metric], best["attack"]
+                if metric == "completion_accuracy":
+                    worst["scratch_accuracy"] = best.get("scratch_accuracy", float("nan"))
+            if name == WORST:
+                worst |= {f"baseline_{m}": scored[0][f"baseline_{m}"] for m in metrics}
+            out.append(worst)
+    return out
+
+
+# the columns that belong to one attack's result, not to the client
+ATTACK_FIELDS = ("attack", "mse", "psnr", "ssim", "baseline_mse", "baseline_psnr",
+                 "baseline_ssim", "completion_accuracy", "scratch_accuracy", "fit_epochs", "fit_stopped")

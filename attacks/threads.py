@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from attacks.models import build_decoder
+from sim.decoders import build_decoder
 
 PROBE_STEPS = 4  # training steps timed per setting (after one untimed warm-up step)
 

@@ -2,7 +2,7 @@
 
 For each run, the simulation is run in this process first (Flower and Ray started and shut
 down here, as ``python -m sim.run`` does), then the run's attack stage is timed as the CLI
-runs it (``sim.run.attack_stage``: snapshot loading, knowledge, thread choice, fit, every
+runs it (``sim.experiment.attack_stage``: snapshot loading, knowledge, thread choice, fit, every
 client's reconstructions, scoring, report), then the same decoder is fitted directly: the
 saved aggregated and starting heads, ``attacks.decoder.train_decoder`` with the same budget on
 the same auxiliary images, every client's recorded features decoded and scored. The direct fit
@@ -44,17 +44,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.decoder import decode, train_decoder
-from attacks.models import build_decoder
-from attacks.scoring import Scorer
 from attacks.base import build_attack
-from attacks.stage import load_snapshot, parse_attacks
+from attacks.decoder import decode, train_decoder
+from attacks.scoring import Scorer
 from attacks.threads import available_cores, torch_threads
-from sim.client import build_client_model
+from defenses.client_model import build_client_model
 from sim.config import load_config
 from sim.data import to_tensor
+from sim.decoders import build_decoder
+from sim.experiment import Prepared, _quiet_libraries, attack_stage, make_run_dir, prepare, simulate, write_summary
 from sim.models import normalise
-from sim.run import Prepared, _quiet_libraries, attack_stage, make_run_dir, prepare, simulate, write_summary
+from sim.stage import load_snapshot, parse_attacks
 
 RUNS = {  # the run, and the README demo
     "small": {"clients": 10, "rounds": 1, "train_subset": 5000, "defense": "none", "attacks": "decoder"},
@@ -90,10 +90,10 @@ def direct_fit(run_dir: Path, prep: Prepared) -> float:
     spec_text = next(a for a in parse_attacks(cfg.attacks) if a.startswith("decoder"))
     attack = build_attack(spec_text)  # only for its parameters
     group = cfg.resolved_groups()[0]
-    spec = prep.specs[int(group.cut)]
+    spec = prep.specs[group.cut]
     snapshot = load_snapshot(run_dir, cfg.rounds)
     data = prep.data
-    heads = [build_client_model(spec, str(group.defense), state, {})
+    heads = [build_client_model(spec, group.defense, state, {})
              for state in (snapshot.heads[group.name], snapshot.start_heads.get(group.name))
              if state is not None]
 
@@ -114,7 +114,7 @@ def direct_fit(run_dir: Path, prep: Prepared) -> float:
     train_decoder(decoder, oracles if attack.heads == "both" else oracles[:1], aux01,
                   budget=attack.budget, batch_size=attack.batch_size, lr=attack.lr,
                   weight_decay=attack.weight_decay)
-    rows = snapshot.view[int(group.cut)]
+    rows = snapshot.view[group.cut]
     scorer = Scorer(data.train_x)
     rng = np.random.default_rng(cfg.seed)
     for pid in np.unique(rows["client_ids"]):

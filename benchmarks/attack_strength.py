@@ -47,12 +47,12 @@ import numpy as np
 
 from attacks.base import Attack, build_attack
 from attacks.decoder import HEAD_CHOICES
-from attacks.report import worst_case
-from attacks.stage import load_snapshot, parse_attacks, run_stage
+from attacks.scoring import worst_case
 from attacks.training import Budget
 from benchmarks.attack_stage import RUNS, train
 from sim.config import config_from_dict
-from sim.run import Prepared, prepare
+from sim.experiment import Prepared, prepare
+from sim.stage import load_snapshot, parse_attacks, run_stage
 
 SCALE = 4
 

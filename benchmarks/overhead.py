@@ -38,14 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacks.view import Reservoir
-from sim.client import initial_model, local_train, make_runtime
+from defenses.client_model import initial_model
+from sim.client import local_train, make_runtime
 from sim.cloud import CloudSession, average_states, make_optimizer
 from sim.config import RESERVOIR_SALT, SimConfig, derive_seed
 from sim.data import to_tensor
+from sim.experiment import prepare
 from sim.models import build_tail, normalise, state_to_numpy
-from sim.run import prepare
 from sim.server_app import evaluate_group
+from sim.view import Reservoir
 
 
 class InProcessTail:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from benchmarks.reproduction import Harness, Outcome, add_scale_args, markdown_table, plot_curves, scale_from_args
 

@@ -17,7 +17,7 @@ surrogate head is aligned through the tail instead of queried.
 ``split="ushaped"`` trains the U-shaped split instead (the client keeps ``build_last``; the loss
 is the client's CE plus ``defense.output_loss(h, y)``, as ``sim.client._ushaped_exchange``
 computes it, so InfoScissors' ``lam_y`` acts) and attacks it with passive model completion
-(``pmc``, fitted on the public images and their labels as ``attacks.stage`` fits it) instead of
+(``pmc``, fitted on the public images and their labels as ``sim.stage`` fits it) instead of
 the decoder: the score is the completed model's label accuracy on the victims' features.
 
 Defaults are small so that a script runs in minutes on two CPU cores; ``--train-subset``,
@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,9 @@ import torch.nn.functional as F
 from attacks import Knowledge, build_attack
 from attacks.scoring import Scorer, per_image_metrics, summarise
 from defenses import Defense
-from sim.client import make_defense
+from defenses.client_model import make_defense
 from sim.data import ImageData, load_dataset, to_tensor
 from sim.models import DEFAULT_ARCH, SplitSpec, build_head, build_last, build_tail, normalise
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -136,7 +135,7 @@ class Harness:
         self.aux_labels = torch.from_numpy(self.data.test_y[:scale.attack_aux].copy()).long()
         self.victim_ids = np.arange(n_test - scale.attack_victims, n_test)
         self.victims01 = to_tensor(self.data.test_x[self.victim_ids])
-        # The only holder of the victims' true labels (pmc's score), as in attacks.stage.
+        # The only holder of the victims' true labels (pmc's score), as in sim.stage.
         self.scorer = Scorer(self.data.test_x, self.data.test_y)
 
     def _inputs(self, x_uint8: np.ndarray) -> torch.Tensor:

@@ -9,7 +9,7 @@ below the threshold. Defaults are the repo's: ``alpha`` = 0.3 (``run_exp.sh``'s
 ``AT_regularization_strength``), ``ssim_threshold`` = 0.5 (0.6 for FaceScrub / TinyImageNet),
 one decoder step per batch (``gan_adv_step1``), Adam 1e-3.
 
-Deviations: the decoder is :func:`attacks.models.build_decoder` at ``width`` 16 and ``blocks`` 1
+Deviations: the decoder is :func:`sim.decoders.build_decoder` at ``width`` 16 and ``blocks`` 1
 rather than the repo's ``res_normN4C64`` (a federated parameter must stay small), it is not
 pre-trained (no held-out data on a client), and it is trained on the SSIM objective alone from
 the first batch (the repo pre-trains with MSE, then maximises SSIM). What is sent is z itself:

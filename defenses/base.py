@@ -3,8 +3,8 @@
 A defense's state has two kinds, by how it is declared: its ``nn.Parameter``s (e.g. MID's
 bottleneck layer, an adversarial decoder) are trained and federated with the head, averaged
 within the group like the head's weights; its buffers (``register_buffer``, e.g. CEM's
-centroids) are the client's own and persist across rounds in Flower's ``context.state``, so
-they must stay small.
+centroids) are the client's own: they travel with the client's messages, the server keeps
+them between rounds (in the run's round shards), so they must stay small.
 
 A defense sits between the head and the wire: ``forward(z)`` is what the cloud receives
 (noise, dropout, top-k, ...), ``loss(x, z, y)`` adds a regulariser on the clean features
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sim.models import SplitSpec
 from sim.registry import Registry
 from sim.spec import SpecError, parse_chain
 
@@ -77,11 +78,10 @@ class Defense(nn.Module):
         """What a noise-aware attacker is assumed to know (CEM's threat model)."""
         return {}
 
-    def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None,
-             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
-        """Hook: the shape of one sample's z, e.g. ``(8, 7, 7)``, and of its input; in the
-        U-shaped split also of the cloud's output h and the number of classes; default no-op.
+    def bind(self, spec: SplitSpec) -> None:
+        """Hook: the split this defense sits in: ``spec.feature_shape`` (one sample's z, e.g.
+        ``(8, 7, 7)``), ``spec.in_shape`` (its input) and, where ``spec.ushaped``, the cloud's
+        output h (``(spec.hidden_width,)``) and ``spec.num_classes``; default no-op.
 
         The simulator calls it right after every ``build_defense`` and before any state is
         read or loaded, so that defenses whose parameters depend on z's size (MID's layers),
@@ -109,11 +109,9 @@ class Compose(Defense):
         for part in parts:
             part.attach(list(parts))
 
-    def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None,
-             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
+    def bind(self, spec: SplitSpec) -> None:
         for part in self.parts:
-            part.bind(feature_shape, input_shape, output_shape, num_classes)
+            part.bind(spec)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for part in self.parts:

@@ -58,7 +58,7 @@ client's samples at the latest fit (docs/papers.md B.3's monitor, diagonal form)
 (docs/papers.md A.3 step 3: H(x|z) >= H(x) − H(π) − (m/2)·mixture-info), so the attacker's MSE floor
 ξ >= exp(2H(x|z)/d)/(2πe) falls as it grows. Unlike ``logdet`` it does not grow with σ itself,
 which makes it comparable across clients with different noise (the per-client theory audit,
-``attacks.report.cem_audit``).
+``sim.report.cem_audit``).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ Choices, and why:
   the U-shaped split, so ``lam_y = 0`` runs ship no unused weights. Its Adam state starts
   fresh every round, like the head's; there is no pre-training (no public labelled data).
 * In the vanilla split the cloud computes the logits itself and the client never sees h, so
-  ``lam_y > 0`` there is refused before the run starts (:func:`sim.run.prepare`).
+  ``lam_y > 0`` there is refused before the run starts (:func:`sim.experiment.prepare`).
 * The decoder, its federation and the [0, 1] mapping of x are those of
   :class:`defenses.simulated.SimulatedAttacker`. What is sent is z itself.
 
@@ -62,14 +62,13 @@ MSE); with ``lam_y > 0`` also ``y-ce`` = the simulated completion attacker's mea
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import register
 from defenses.simulated import SimulatedAttacker, frozen_call, step_alone, unit_range
+from sim.models import SplitSpec
 
 
 def label_club_bound(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +112,12 @@ class InfoScissors(SimulatedAttacker):
         self._y_ce_sum = 0.0
         self._y_batches = 0
 
-    def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None,
-             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
-        super().bind(feature_shape, input_shape)
-        if self.lam_y == 0.0 or output_shape is None or num_classes is None or self.classifier is not None:
+    def bind(self, spec: SplitSpec) -> None:
+        super().bind(spec)
+        if self.lam_y == 0.0 or not spec.ushaped or self.classifier is not None:
             return  # no classifier needed, not U-shaped (output_loss says so), or already built
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(output_shape), self.y_width),
-                                        nn.ReLU(), nn.Linear(self.y_width, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(spec.hidden_width, self.y_width),
+                                        nn.ReLU(), nn.Linear(self.y_width, spec.num_classes))
 
     def needs_output(self) -> bool:
         return self.lam_y > 0.0
@@ -144,8 +141,7 @@ class InfoScissors(SimulatedAttacker):
             return h.new_zeros(())
         if self.classifier is None:
             raise RuntimeError("infoscissors: lam_y > 0 needs the classifier on the cloud's output; call "
-                               "defense.bind(..., output_shape=(spec.hidden_width,), num_classes=...) "
-                               "in the U-shaped split")
+                               "defense.bind(spec) with a U-shaped spec")
         training = self.training and torch.is_grad_enabled()
         if training:
             if self._classifier_optimizer is None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import Defense, register
+from sim.models import SplitSpec
 
 
 @register
@@ -57,10 +58,8 @@ class MID(Defense):
         self._kl_sum = 0.0
         self._batches = 0
 
-    def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None,
-             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
-        shape = tuple(int(s) for s in feature_shape)
+    def bind(self, spec: SplitSpec) -> None:
+        shape = tuple(int(s) for s in spec.feature_shape)
         if self.feature_shape is not None:
             if shape != self.feature_shape:
                 raise ValueError(f"mid: already bound to {self.feature_shape}, got {shape}")
@@ -76,7 +75,7 @@ class MID(Defense):
     def _check_bound(self, z: torch.Tensor) -> None:
         if self.encoder is None:
             raise RuntimeError("mid: the defense was not bound to a feature shape; "
-                               "call defense.bind(spec.feature_shape) after build_defense")
+                               "call defense.bind(spec) after build_defense")
         if tuple(z.shape[1:]) != self.feature_shape:
             raise ValueError(f"mid: bound to z of shape {self.feature_shape}, "
                              f"got {tuple(z.shape[1:])}")

@@ -19,7 +19,7 @@ client-private state: the head it attacks is the group's shared head, so every c
 decoder learns the same inversion and averaging them gives each client a stronger simulated
 attacker from the next round on, as the cloud's attacker pools all clients' features; and a
 buffer would travel in Flower's ``context.state`` with every message, which must stay small.
-The decoder is :func:`attacks.models.build_decoder` (the cloud's attack architecture) scaled
+The decoder is :func:`sim.decoders.build_decoder` (the cloud's attack architecture) scaled
 down to ``width`` channels and ``blocks`` residual blocks: at the defaults (16, 1) it holds about
 15 k parameters on Fashion-MNIST (the head: about 25 k). Its BatchNorm statistics are buffers,
 hence client state (a few hundred numbers). The decoder's Adam state starts fresh every round,
@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from defenses.base import Defense
+from sim.decoders import build_decoder
+from sim.models import SplitSpec
 
 
 def unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -61,26 +63,19 @@ class SimulatedAttacker(Defense):
         self.shapes: tuple[tuple[int, ...], tuple[int, int, int]] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
-    def bind(self, feature_shape: tuple[int, ...],
-             input_shape: tuple[int, int, int] | None = None,
-             output_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
-        if input_shape is None:
-            return  # stays unbound; loss() says what is missing
-        shapes = (tuple(int(s) for s in feature_shape), tuple(int(s) for s in input_shape))
+    def bind(self, spec: SplitSpec) -> None:
+        shapes = (tuple(int(s) for s in spec.feature_shape), tuple(int(s) for s in spec.in_shape))
         if self.shapes is not None:
             if shapes != self.shapes:
                 raise ValueError(f"{self.name}: already bound to {self.shapes}, got {shapes}")
             return
-        # Imported here: the attacks package imports the defenses (its query oracle applies them).
-        from attacks.models import build_decoder
-
         self.shapes = shapes
         self.decoder = build_decoder(shapes[0], shapes[1], self.width, self.blocks)
 
     def _decoder(self) -> nn.Module:
         if self.decoder is None:
             raise RuntimeError(f"{self.name}: the defense was not bound to feature and input shapes; "
-                               "call defense.bind(spec.feature_shape, spec.in_shape) after build_defense")
+                               "call defense.bind(spec) after build_defense")
         return self.decoder
 
     def attacker_loss(self, recon01: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
 # Token authentication for every Ray this process starts or joins; the token itself is made per
-# run (``sim.run._locked_down``). RAY_AUTH_MODE=disabled, set by the user, only serves to join a
+# run (``sim.experiment._locked_down``). RAY_AUTH_MODE=disabled, set by the user, only serves to join a
 # cluster without authentication (``--ray-address``).
 AUTH_MODE_GIVEN = "RAY_AUTH_MODE" in os.environ
 os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -9,19 +9,20 @@ copied per client.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
 
-from defenses import FEDERATED_PREFIX, Defense, build_defense, federated_arrays, load_arrays, local_arrays
+from defenses import Defense, federated_arrays, local_arrays
+from defenses.client_model import build_client_last, build_client_model
 from sim.cloud import CloudSession, make_optimizer, make_tail_optimizer
-from attacks.view import Reservoir
-from sim.config import FAILURE_SALT, RESERVOIR_SALT, GroupConfig, SimConfig, config_from_dict, derive_seed
-from sim.models import (LAST_PREFIX, SplitSpec, build_head, build_last, build_tail, load_numpy_state,
-                        state_to_numpy)
+from sim.config import FAILURE_SALT, RESERVOIR_SALT, Group, SimConfig, config_from_dict, derive_seed
+from sim.models import LAST_PREFIX, SplitSpec, build_tail, load_numpy_state, state_to_numpy
+from sim.records import wire_bytes
+from sim.view import Reservoir
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Runtime:
     """What every client of a run shares, resolved once per process."""
 
     config: SimConfig
-    groups: list[GroupConfig]
+    groups: list[Group]
     group_of: list[int]
     specs: dict[int, SplitSpec]
     cloud: Any  # ray ActorHandle
@@ -86,12 +87,79 @@ def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarra
     )
 
 
-class LocalTail:
-    """SFL-v1: the client's tail copy runs here, through the cloud's own session class.
+class TailLink(Protocol):
+    """The client's link to the cloud's tail for one round: :class:`LocalTail` (SFL-v1),
+    :class:`RemoteTail` (SFL-v2) and the overhead benchmark's in-process link.
 
-    Like every tail link it offers ``train_batch`` and ``predict`` (vanilla split),
-    ``forward``, ``backward`` and ``embed`` (U-shaped split), and ``finish``.
+    Vanilla split: ``train_batch`` (z and labels up, dL/dz, loss and hits back) and ``predict``
+    (held-out features up, predicted classes back). U-shaped split: ``forward`` (z up, h
+    back), ``backward`` (dL/dh up, dL/dz back) and ``embed`` (held-out z up, h back).
+    ``last`` marks a round's last exchange. ``finish`` ends the round; ``abort`` ends a
+    failed one (the cloud keeps what it received, marked as from a failed round).
     """
+
+    def train_batch(self, ids: np.ndarray, z: np.ndarray, y: np.ndarray, last: bool
+                    ) -> tuple[np.ndarray, float, int]: ...
+
+    def predict(self, z: np.ndarray, last: bool) -> np.ndarray: ...
+
+    def forward(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray: ...
+
+    def backward(self, grad_h: np.ndarray, last: bool) -> np.ndarray: ...
+
+    def embed(self, z: np.ndarray, last: bool) -> np.ndarray: ...
+
+    def finish(self, num_examples: int) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class MeteredLink:
+    """A tail link that counts what the client sends and receives through it, by the one rule
+    of :func:`sim.records.wire_bytes` (the cloud's sessions count their side by it too)."""
+
+    def __init__(self, link: TailLink) -> None:
+        self.link, self.sent, self.received = link, 0, 0
+
+    def _count(self, sent: tuple[np.ndarray, ...], received: np.ndarray) -> None:
+        self.sent += wire_bytes(*sent)
+        self.received += wire_bytes(received)
+
+    def train_batch(self, ids: np.ndarray, z: np.ndarray, y: np.ndarray, last: bool
+                    ) -> tuple[np.ndarray, float, int]:
+        grad, loss, hits = self.link.train_batch(ids, z, y, last)
+        self._count((z, y), grad)
+        return grad, loss, hits
+
+    def predict(self, z: np.ndarray, last: bool) -> np.ndarray:
+        pred = self.link.predict(z, last)
+        self._count((z,), pred)
+        return pred
+
+    def forward(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+        h = self.link.forward(ids, z)
+        self._count((z,), h)
+        return h
+
+    def backward(self, grad_h: np.ndarray, last: bool) -> np.ndarray:
+        grad = self.link.backward(grad_h, last)
+        self._count((grad_h,), grad)
+        return grad
+
+    def embed(self, z: np.ndarray, last: bool) -> np.ndarray:
+        h = self.link.embed(z, last)
+        self._count((z,), h)
+        return h
+
+    def finish(self, num_examples: int) -> None:
+        self.link.finish(num_examples)
+
+    def abort(self) -> None:
+        self.link.abort()
+
+
+class LocalTail:
+    """SFL-v1: the client's tail copy runs here, through the cloud's own session class."""
 
     def __init__(self, rt: Runtime, pid: int, group: int, cut: int, round_: int) -> None:
         tail = build_tail(rt.specs[cut])
@@ -194,15 +262,15 @@ def _batches(ids: np.ndarray, size: int) -> list[np.ndarray]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
-def open_tail(rt: Runtime, pid: int, round_: int) -> LocalTail | RemoteTail:
+def open_tail(rt: Runtime, pid: int, round_: int) -> TailLink:
     """The client's link to the cloud's tail for this round, as the protocol says."""
     if rt.config.protocol == "sflv1":
         group = rt.group_of[pid]
-        return LocalTail(rt, pid, group, int(rt.groups[group].cut), round_)
+        return LocalTail(rt, pid, group, rt.groups[group].cut, round_)
     return RemoteTail(rt, pid)
 
 
-def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray], tail: Any,
+def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray], tail: TailLink,
                 client_state: dict[str, np.ndarray] | None = None, proximal_mu: float = 0.0,
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """Train one client's head for its group's local epochs against the cloud's tail.
@@ -213,121 +281,153 @@ def local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.nda
     Returns the new model state, the new client state and the client's metrics.
 
     If the client fails (an injected failure, a diverged loss, any error), the tail link is
-    told (:meth:`LocalTail.abort`, :meth:`RemoteTail.abort`) before the error propagates, so the
-    cloud discards the client's partial round and marks what it received.
+    told (:meth:`TailLink.abort`) before the error propagates, so the cloud discards the
+    client's partial round and marks what it received.
     """
     try:
-        return _local_train(rt, pid, round_, head_state, tail, client_state, proximal_mu)
+        return _local_train(rt, pid, round_, head_state, MeteredLink(tail), client_state, proximal_mu)
     except BaseException:
         tail.abort()
         raise
 
 
-def _local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray], tail: Any,
-                 client_state: dict[str, np.ndarray] | None, proximal_mu: float,
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+@dataclass
+class Trainee:
+    """One client's round: its models, defense, data and batches, in the order they are drawn."""
+
+    pid: int
+    round: int
+    group: int
+    head: torch.nn.Module
+    defense: Defense
+    last_layer: torch.nn.Module | None  # U-shaped split: the client's classifier
+    params: list[torch.nn.Parameter]  # the head's and the last layer's
+    global_params: list[torch.Tensor]  # their values as the server sent them (FedProx)
+    optimizer: Any
+    train_ids: np.ndarray
+    holdout_ids: np.ndarray
+    train_batches: list[np.ndarray]
+    epoch_len: int
+
+
+def _set_up(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray],
+            client_state: dict[str, np.ndarray] | None, proximal_mu: float) -> Trainee:
+    """The client's models from the server's state, its optimiser and its shuffled batches
+    (seeded by run seed, round and client, so a rerun draws the same)."""
     group_idx = rt.group_of[pid]
     group = rt.groups[group_idx]
-    cut = int(group.cut)
     seed = derive_seed(rt.config.seed, round_, pid)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    spec = rt.specs[cut]
-    head, defense = build_client_model(spec, str(group.defense), head_state, client_state or {})
-    last_layer = build_client_last(spec, head_state)  # U-shaped: the client's classifier
+    spec = rt.specs[group.cut]
+    head, defense = build_client_model(spec, group.defense, head_state, client_state or {})
+    last_layer = build_client_last(spec, head_state)
     head.to(rt.device)
     defense.to(rt.device)
-    model_params = list(head.parameters())
+    params = list(head.parameters())
     if last_layer is not None:
         last_layer.to(rt.device).train()
-        model_params += list(last_layer.parameters())
-    global_params = [p.detach().clone() for p in model_params] if proximal_mu > 0 else []
+        params += list(last_layer.parameters())
     train_ids, holdout_ids = rt.partitions[pid]
     if defense.wants_epoch_features():  # refresh after aggregation, before the first epoch
         _epoch_end(rt, head, defense, train_ids)
-    optimizer = make_optimizer(model_params + list(defense.parameters()), rt.config.lr)
-    train_batches = [b for _ in range(int(group.epochs))
-                     for b in _batches(rng.permutation(train_ids), int(group.batch_size))]
-    holdout_batches = _batches(holdout_ids, 512)
-    epoch_len = len(_batches(train_ids, int(group.batch_size)))
-    failure = planned_failure(rt.config, pid, round_, len(train_batches))
+    return Trainee(
+        pid=pid, round=round_, group=group_idx, head=head, defense=defense, last_layer=last_layer, params=params,
+        global_params=[p.detach().clone() for p in params] if proximal_mu > 0 else [],
+        optimizer=make_optimizer(params + list(defense.parameters()), rt.config.lr),
+        train_ids=train_ids, holdout_ids=holdout_ids,
+        train_batches=[b for _ in range(group.epochs) for b in _batches(rng.permutation(train_ids), group.batch_size)],
+        epoch_len=len(_batches(train_ids, group.batch_size)))
+
+
+def _train_step(rt: Runtime, t: Trainee, tail: TailLink, i: int, last: bool, proximal_mu: float) -> tuple[float, int]:
+    """One batch: z = head(x), the defended z to the tail, its gradient back into the head
+    (plus the defense's own loss and FedProx's term); batch ``i``'s loss and hits."""
+    ids = t.train_batches[i]
+    x = rt.inputs(ids)
+    y = rt.train_y[ids]
+    yt = torch.from_numpy(y).to(rt.device)
+    z = t.head(x)
+    z_sent = t.defense(z)
+    payload = z_sent.detach().cpu().numpy()
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.last_layer is None:
+        grad, loss, correct = tail.train_batch(ids, payload, y, last)
+    else:
+        grad, loss, correct = _ushaped_exchange(tail, t.last_layer, t.defense, ids, payload, yt, last)
+    objective = (z_sent * torch.from_numpy(grad).to(rt.device)).sum() + t.defense.loss(x, z, yt)
+    if proximal_mu > 0:
+        objective = objective + proximal_mu / 2 * sum(
+            (p - g).pow(2).sum() for p, g in zip(t.params, t.global_params))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {loss} at batch {i} of round {t.round}: "
+                                 f"training diverged (is the learning rate {rt.config.lr:g} too high?)")
+    objective.backward()
+    t.optimizer.step()
+    return loss, correct
+
+
+def _holdout_hits(rt: Runtime, t: Trainee, tail: TailLink) -> int:
+    """The client's held-out accuracy count, predicted through the tail as in training."""
+    t.head.eval()
+    t.defense.eval()
+    batches = _batches(t.holdout_ids, 512)
+    hits = 0
+    with torch.no_grad():
+        for j, ids in enumerate(batches):
+            payload = t.defense(t.head(rt.inputs(ids))).cpu().numpy()
+            final = j == len(batches) - 1
+            if t.last_layer is None:
+                pred = tail.predict(payload, final)
+            else:
+                h = tail.embed(payload, final)
+                pred = t.last_layer.eval()(torch.from_numpy(h).to(rt.device)).argmax(1).cpu().numpy()
+            hits += int((pred == rt.train_y[ids]).sum())
+    return hits
+
+
+def _local_train(rt: Runtime, pid: int, round_: int, head_state: dict[str, np.ndarray], tail: MeteredLink,
+                 client_state: dict[str, np.ndarray] | None, proximal_mu: float,
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    t = _set_up(rt, pid, round_, head_state, client_state, proximal_mu)
+    failure = planned_failure(rt.config, pid, round_, len(t.train_batches))
     loss_sum = hits = seen = 0.0
-    sent = received = 0
-    head.train()
-    defense.train()
-    for i, ids in enumerate(train_batches):
+    t.head.train()
+    t.defense.train()
+    no_holdout = len(t.holdout_ids) == 0
+    for i, ids in enumerate(t.train_batches):
         if failure is not None and failure[1] == i:
             raise SimulatedFailure(VANISHED if failure[0] == "vanish" else
                                    f"simulated failure: the client crashed before batch {i}")
-        x = rt.inputs(ids)
-        y = rt.train_y[ids]
-        yt = torch.from_numpy(y).to(rt.device)
-        z = head(x)
-        z_sent = defense(z)
-        last = not holdout_batches and i == len(train_batches) - 1
-        payload = z_sent.detach().cpu().numpy()
-        optimizer.zero_grad(set_to_none=True)
-        if last_layer is None:
-            grad, loss, correct = tail.train_batch(ids, payload, y, last)
-            sent += payload.nbytes + y.nbytes
-            received += grad.nbytes
-        else:
-            grad, loss, correct, up, down = _ushaped_exchange(tail, last_layer, defense, ids, payload, yt, last)
-            sent += up
-            received += down
-        objective = ((z_sent * torch.from_numpy(grad).to(rt.device)).sum()
-                     + defense.loss(x, z, yt))
-        if proximal_mu > 0:
-            objective = objective + proximal_mu / 2 * sum(
-                (p - g).pow(2).sum() for p, g in zip(model_params, global_params))
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"the training loss is {loss} at batch {i} of round {round_}: "
-                                     f"training diverged (is the learning rate {rt.config.lr:g} too high?)")
-        objective.backward()
-        optimizer.step()
+        loss, correct = _train_step(rt, t, tail, i, no_holdout and i == len(t.train_batches) - 1, proximal_mu)
         loss_sum += loss * len(ids)
         hits += correct
         seen += len(ids)
-        if defense.wants_epoch_features() and (i + 1) % epoch_len == 0:
-            _epoch_end(rt, head, defense, train_ids)
-    head.eval()
-    defense.eval()
-    holdout_hits = 0
-    with torch.no_grad():
-        for j, ids in enumerate(holdout_batches):
-            payload = defense(head(rt.inputs(ids))).cpu().numpy()
-            final = j == len(holdout_batches) - 1
-            if last_layer is None:
-                pred = tail.predict(payload, final)
-                received += pred.nbytes
-            else:
-                h = tail.embed(payload, final)
-                received += h.nbytes
-                pred = last_layer.eval()(torch.from_numpy(h).to(rt.device)).argmax(1).cpu().numpy()
-            sent += payload.nbytes
-            holdout_hits += int((pred == rt.train_y[ids]).sum())
-    tail.finish(len(train_ids))
+        if t.defense.wants_epoch_features() and (i + 1) % t.epoch_len == 0:
+            _epoch_end(rt, t.head, t.defense, t.train_ids)
+    holdout_hits = _holdout_hits(rt, t, tail)
+    tail.finish(len(t.train_ids))
     metrics = {
-        "num-examples": len(train_ids),
+        "num-examples": len(t.train_ids),
         "loss": loss_sum / seen,
         "train-accuracy": hits / seen,
-        "accuracy": holdout_hits / len(holdout_ids) if len(holdout_ids) else float("nan"),
-        "holdout-examples": len(holdout_ids),
+        "accuracy": holdout_hits / len(t.holdout_ids) if len(t.holdout_ids) else float("nan"),
+        "holdout-examples": len(t.holdout_ids),
         "partition-id": pid,
-        "group": group_idx,
-        "batches": len(train_batches),
-        "bytes-sent": sent,
-        "bytes-received": received,
+        "group": t.group,
+        "batches": len(t.train_batches),
+        "bytes-sent": tail.sent,
+        "bytes-received": tail.received,
     }
-    metrics |= {f"defense-{k}": float(v) for k, v in defense.report().items()}
-    model = state_to_numpy(head) | federated_arrays(defense)
-    if last_layer is not None:
-        model |= {LAST_PREFIX + k: v for k, v in state_to_numpy(last_layer).items()}
-    return model, local_arrays(defense), metrics
+    metrics |= {f"defense-{k}": float(v) for k, v in t.defense.report().items()}
+    model = state_to_numpy(t.head) | federated_arrays(t.defense)
+    if t.last_layer is not None:
+        model |= {LAST_PREFIX + k: v for k, v in state_to_numpy(t.last_layer).items()}
+    return model, local_arrays(t.defense), metrics
 
 
-def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, defense: Defense, ids: np.ndarray,
-                      payload: np.ndarray, y: torch.Tensor, last: bool) -> tuple[np.ndarray, float, int, int, int]:
+def _ushaped_exchange(tail: TailLink, last_layer: torch.nn.Module, defense: Defense, ids: np.ndarray,
+                      payload: np.ndarray, y: torch.Tensor, last: bool) -> tuple[np.ndarray, float, int]:
     """One U-shaped training batch: h from the cloud, the loss on the client (labels stay
     here), dL/dh back, dL/dz in return. Leaves the last layer's gradients accumulated.
 
@@ -335,7 +435,7 @@ def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, defense: Defense, 
     before the backward pass, so its gradient travels to the cloud inside dL/dh; then
     ``protect_gradient`` (gradient noise) changes what is sent of dL/dh. The client's last
     layer trains on the exact loss either way.
-    Returns dL/dz, the CE loss, the hits, and the bytes sent and received.
+    Returns dL/dz, the CE loss and the hits.
     """
     h_np = tail.forward(ids, payload)
     h = torch.from_numpy(h_np).to(y.device).requires_grad_(True)
@@ -344,49 +444,7 @@ def _ushaped_exchange(tail: Any, last_layer: torch.nn.Module, defense: Defense, 
     (loss + defense.output_loss(h, y)).backward()
     grad_h = defense.protect_gradient(h.grad).cpu().numpy()
     grad = tail.backward(grad_h, last)
-    return (grad, float(loss.detach()), int((logits.argmax(1) == y).sum()),
-            payload.nbytes + grad_h.nbytes, h_np.nbytes + grad.nbytes)
-
-
-def make_defense(spec: SplitSpec, defense_text: str) -> Defense:
-    """Build a defense for features of ``spec``'s shape (layers sized by z exist from the start),
-    and in the U-shaped split for the cloud's output h and the classes (InfoScissors' phi)."""
-    defense = build_defense(defense_text)
-    if spec.ushaped:
-        defense.bind(spec.feature_shape, spec.in_shape, (spec.hidden_width,), spec.num_classes)
-    else:
-        defense.bind(spec.feature_shape, spec.in_shape)
-    return defense
-
-
-def initial_model(spec: SplitSpec, defense_text: str) -> dict[str, np.ndarray]:
-    """A group's first model: a fresh head and the defense's fresh federated parameters, and in
-    the U-shaped split the client's fresh last layer (federated with the head)."""
-    model = state_to_numpy(build_head(spec)) | federated_arrays(make_defense(spec, defense_text))
-    if spec.ushaped:
-        model |= {LAST_PREFIX + k: v for k, v in state_to_numpy(build_last(spec)).items()}
-    return model
-
-
-def build_client_model(spec: SplitSpec, defense_text: str, model_state: dict[str, np.ndarray],
-                       client_state: dict[str, np.ndarray]) -> tuple[torch.nn.Module, Defense]:
-    """Head and defense loaded from a group model state and a client's own defense state."""
-    head = build_head(spec)
-    load_numpy_state(head, {k: v for k, v in model_state.items()
-                            if not k.startswith((FEDERATED_PREFIX, LAST_PREFIX))})
-    defense = make_defense(spec, defense_text)
-    load_arrays(defense, model_state, client_state)
-    return head, defense
-
-
-def build_client_last(spec: SplitSpec, model_state: dict[str, np.ndarray]) -> torch.nn.Module | None:
-    """The U-shaped client's last layer from a group model state; None in the vanilla split."""
-    if not spec.ushaped:
-        return None
-    layer = build_last(spec)
-    load_numpy_state(layer, {k[len(LAST_PREFIX):]: v for k, v in model_state.items()
-                             if k.startswith(LAST_PREFIX)})
-    return layer
+    return grad, float(loss.detach()), int((logits.argmax(1) == y).sum())
 
 
 def _epoch_end(rt: Runtime, head: torch.nn.Module, defense: Any, train_ids: np.ndarray) -> None:

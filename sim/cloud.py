@@ -39,11 +39,10 @@ from torch import nn
 
 from attacks.completion import MaliciousOptimizer
 from attacks.fsha import Hijacker
-from attacks.view import ClientView, FeatureStore, Reservoir
 from sim.config import HIJACK_SALT, RESERVOIR_SALT, derive_seed
 from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
-
-LABEL_BYTES = 8  # labels travel as int64
+from sim.records import wire_bytes
+from sim.view import ClientView, FeatureStore, Reservoir
 
 
 def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
@@ -82,7 +81,7 @@ class CloudSession:
     def train_batch(self, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
         """Record z, run the tail, step it, and return dL/dz with the batch loss and hits."""
         self.reservoir.add(sample_ids, z)
-        self.bytes_received += z.nbytes + len(y) * LABEL_BYTES
+        self.bytes_received += wire_bytes(z, y)
         if self.hijacker is not None:
             return self._hijacked_batch(z, y)
         zt = torch.from_numpy(z).to(self.device).requires_grad_(True)
@@ -94,14 +93,14 @@ class CloudSession:
         loss.backward()
         self.optimizer.step()
         grad = zt.grad.cpu().numpy()
-        self.bytes_sent += grad.nbytes
+        self.bytes_sent += wire_bytes(grad)
         return grad, float(loss.detach()), int((out.argmax(1) == yt).sum())
 
     def _hijacked_batch(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
         """FSHA's gradient for the client; the loss and hits it reports are the untrained
         tail's, so the client sees its task fail (FSHA's tell-tale sign)."""
         grad = self.hijacker.hijack(z)
-        self.bytes_sent += grad.nbytes
+        self.bytes_sent += wire_bytes(grad)
         with torch.no_grad():
             out = self.tail.eval()(torch.from_numpy(z).to(self.device))
             yt = torch.from_numpy(y).to(self.device)
@@ -113,13 +112,13 @@ class CloudSession:
         The graph is kept until :meth:`backward` brings dL/dh for the same batch.
         """
         self.reservoir.add(sample_ids, z)
-        self.bytes_received += z.nbytes
+        self.bytes_received += wire_bytes(z)
         zt = torch.from_numpy(z).to(self.device).requires_grad_(True)
         self.tail.train()
         h = self.tail(zt)
         self._pending = (zt, h)
         out = h.detach().cpu().numpy()
-        self.bytes_sent += out.nbytes
+        self.bytes_sent += wire_bytes(out)
         return out
 
     def backward(self, grad_h: np.ndarray) -> np.ndarray:
@@ -130,12 +129,12 @@ class CloudSession:
         zt, h = self._pending
         self._pending = None
         self.reservoir.attach(grad_h)
-        self.bytes_received += grad_h.nbytes
+        self.bytes_received += wire_bytes(grad_h)
         self.optimizer.zero_grad(set_to_none=True)
         h.backward(torch.from_numpy(grad_h).to(self.device))
         self.optimizer.step()
         grad = zt.grad.cpu().numpy()
-        self.bytes_sent += grad.nbytes
+        self.bytes_sent += wire_bytes(grad)
         return grad
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +58,41 @@ class ConfigError(ValueError):
         self.message = message
 
 
+Check = Callable[[Any], "str | None"]  # a value's problem in words, or None when it is fine
+
+
+def setting(default: Any, help: str, check: Check | None = None) -> Any:
+    """One setting of :class:`SimConfig`: its default, its help (the CLI's ``--help``) and its
+    own check (run by :func:`validate` on values that are not None). The name and type are the
+    field's; the CLI flag, YAML and ``flwr run`` keys are derived from them."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def at_least(low: int) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low}, got {v}"
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def within(low: float, high: float, closed: str = "[]") -> Check:
+    """``low <= v <= high``, either end open (``closed`` as the interval is written: "(]" etc.)."""
+    def check(v: float) -> str | None:
+        above = v >= low if closed[0] == "[" else v > low
+        below = v <= high if closed[1] == "]" else v < high
+        return None if above and below else f"must be in {closed[0]}{low:g}, {high:g}{closed[1]}, got {v}"
+    return check
+
+
+def one_of(allowed: Iterable[str], unset: str = "") -> Check:
+    allowed = tuple(allowed)
+    return lambda v: None if v in allowed else f"'{v}' unknown; allowed: {', '.join(allowed)}{unset}"
+
+
 @dataclass
 class GroupConfig:
-    """One kind of client: its share of the clients and how it trains and defends."""
+    """One kind of client as the user wrote it: fields left out inherit the top-level value."""
 
     name: str = ""
     share: float = 1.0
@@ -71,47 +103,92 @@ class GroupConfig:
     strategy: str | None = None
 
 
+@dataclass(frozen=True)
+class Group:
+    """One kind of client, resolved: every field filled in from the top level."""
+
+    name: str
+    share: float
+    defense: str
+    cut: int
+    epochs: int
+    batch_size: int
+    strategy: str
+
+
 @dataclass
 class SimConfig:
-    """Everything that defines a run; the run directory stores it resolved."""
+    """Everything that defines a run; the run directory stores it resolved.
 
-    clients: int = 10
-    rounds: int = 3
-    fraction: float = 1.0
-    defense: str = "none"
-    strategy: str = "FedAvg"
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    partition: str = "iid"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    shards_per_client: int = 2
-    protocol: str = "sflv2"
-    split: str = "vanilla"
-    adversary: str = "passive"
-    seed: int = 0
-    out: str = "runs"
-    device: str = "cpu"
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
-    ray_address: str | None = None
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    cut: int = 4
-    bottleneck: int = 8
-    arch: str | None = None
-    holdout: float = 0.1
-    aux_fraction: float = 0.9
-    reservoir: int = 512
-    round_timeout: float | None = None
-    client_failure_rate: float = 0.0
-    train_subset: int | None = None
-    attacks: str = "decoder"
-    attacker_knowledge: str = "whitebox"
-    attack_every: int = 0
-    attack_samples: int = 64
-    export_view: str | None = None
+    Each setting is defined once, here (:func:`setting`): name, type, default, help, check.
+    """
+
+    clients: int = setting(10, "number of simulated clients (one data partition each)", at_least(1))
+    rounds: int = setting(3, "number of federated rounds", at_least(1))
+    fraction: float = setting(1.0, "fraction of each group's clients sampled per round", within(0, 1, "(]"))
+    defense: str = setting("none", 'client defense spec, composable with "+", e.g. "noise(sigma=0.05)"')
+    strategy: str = setting("FedAvg", 'head aggregation: a flwr.serverapp.strategy class '
+                            '("FedProx(proximal_mu=0.1)"), or "path.to.module:Class(...)"')
+    dataset: str = setting("fashion-mnist", "fashion-mnist (embedded default), mnist, cifar10, cifar100 or svhn",
+                           one_of(DATASETS))
+    data_root: str | None = setting(None, "folder in torchvision's layout for datasets other than the embedded one")
+    partition: str = setting("iid", "how the train split is divided over clients: iid, dirichlet, pathological, "
+                             "shards", one_of(PARTITIONS))
+    alpha: float = setting(0.5, "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
+                           positive)
+    classes_per_client: int = setting(2, "classes per client for --partition pathological", at_least(1))
+    shards_per_client: int = setting(2, "shards per client for --partition shards", at_least(1))
+    protocol: str = setting("sflv2", "sflv1 (a tail copy per client, averaged per round) or sflv2 (one shared "
+                            "tail)", one_of(PROTOCOLS))
+    split: str = setting("vanilla", "vanilla (the cloud's tail ends with the classifier; labels go to the "
+                         "cloud) or ushaped (the client keeps the last layer: labels and predictions stay on "
+                         "the client)", one_of(SPLITS))
+    adversary: str = setting("passive", "passive (the cloud trains honestly), active (it trains its tail with "
+                             "the malicious gradient-scaling optimiser of Fu et al., for the amc attack) or "
+                             "hijack (FSHA, Pasquini et al.: it sends gradients that pull the heads into a "
+                             "feature space it can invert, for the fsha attack; sflv2, vanilla split; the task "
+                             "is not learnt)", one_of(ADVERSARIES))
+    seed: int = setting(0, "seed of everything: sampling, partitions, initialisation, noise",
+                        lambda v: None if 0 <= v <= MAX_SEED else f"must be in 0..{MAX_SEED}, got {v}")
+    out: str = setting("runs", "folder under which the run directory is created",
+                       lambda v: None if v.strip() else "must name a folder (it is empty)")
+    device: str = setting("cpu", "where torch computes: cpu, cuda or auto", one_of(DEVICES))
+    client_cpus: float = setting(1.0, "CPUs reserved per client actor (the actor pool size follows from it)",
+                                 positive)
+    client_gpus: float = setting(0.0, "GPU share per client actor, e.g. 0.25 packs four actors per GPU",
+                                 lambda v: None if v >= 0 else f"must be >= 0, got {v}")
+    ray_address: str | None = setting(None, "join an existing Ray cluster (e.g. auto) instead of starting a "
+                                      "local one")
+    epochs: int = setting(1, "local epochs per round", at_least(1))
+    batch_size: int = setting(32, "local batch size", at_least(1))
+    lr: float = setting(1e-3, "learning rate of heads and tails (Adam)",
+                        lambda v: None if v > 0 else f"must be a positive number, got {v}")
+    cut: int = setting(4, "cut layer: entries of the VGG config kept on the client")
+    bottleneck: int = setting(8, "channels of the bottleneck conv at the cut", at_least(1))
+    arch: str | None = setting(None, "network: small (28x28 gray) or vgg11_bn (32x32 RGB); chosen from the data "
+                               "if unset", one_of(ARCHS, " (or leave it unset to choose from the data)"))
+    holdout: float = setting(0.1, "fraction of each client's partition kept for its own accuracy",
+                             within(0, 1, "[)"))
+    aux_fraction: float = setting(0.9, "fraction of the test split given to the attacker as public auxiliary "
+                                  "data", within(0, 1, "()"))
+    reservoir: int = setting(512, "features kept per client in the cloud's recorded view", at_least(1))
+    round_timeout: float | None = setting(None, "seconds to wait for a round's replies (in SFL-v2, for each "
+                                          "wave of one client per actor); default: no limit",
+                                          lambda v: None if v > 0 else "must be > 0 seconds")
+    client_failure_rate: float = setting(0.0, "probability that a sampled client fails in a round, at a random "
+                                         "batch: half crash (an error reply), half vanish (no reply: needs "
+                                         "--round-timeout)", within(0, 1, "[)"))
+    train_subset: int | None = setting(None, "use only this many (seeded, random) training samples: quick runs "
+                                       "and tests", at_least(1))
+    attacks: str = setting("decoder", 'attacks on the recorded features, comma-separated specs, e.g. '
+                           '"decoder(epochs=20),rmle"; none to skip')
+    attacker_knowledge: str = setting("whitebox", "what the cloud knows of the head: whitebox (its weights; "
+                                      "SplitFed aggregates them), query (black-box access) or none")
+    attack_every: int = setting(0, "also attack at every K-th round (leakage over rounds); 0: final round only",
+                                lambda v: None if v >= 0 else f"must be >= 0 (0: final round only), got {v}")
+    attack_samples: int = setting(64, "recorded features attacked per client", at_least(1))
+    export_view: str | None = setting(None, "also write what the cloud saw to FILE.npz (and the heads to "
+                                      "FILE.pt)")
     groups: list[GroupConfig] = field(default_factory=list)
 
     # Where each top-level value came from: CLI or a YAML file's path; set by load_config so
@@ -138,21 +215,14 @@ class SimConfig:
             return "--" + where.replace("_", "-")
         return f"{source}: {where}"
 
-    def resolved_groups(self) -> list[GroupConfig]:
+    def resolved_groups(self) -> list[Group]:
         """The groups with every field filled in from the top level."""
-        groups = self.groups or [GroupConfig(name="all")]
-        out = []
-        for i, g in enumerate(groups):
-            out.append(dataclasses.replace(
-                g,
-                name=g.name or f"group{i}",
-                defense=g.defense if g.defense is not None else self.defense,
-                cut=g.cut if g.cut is not None else self.cut,
-                epochs=g.epochs if g.epochs is not None else self.epochs,
-                batch_size=g.batch_size if g.batch_size is not None else self.batch_size,
-                strategy=g.strategy if g.strategy is not None else self.strategy,
-            ))
-        return out
+        def pick(value: Any, key: str) -> Any:
+            return getattr(self, key) if value is None else value
+        return [Group(name=g.name or f"group{i}", share=g.share, defense=pick(g.defense, "defense"),
+                      cut=pick(g.cut, "cut"), epochs=pick(g.epochs, "epochs"),
+                      batch_size=pick(g.batch_size, "batch_size"), strategy=pick(g.strategy, "strategy"))
+                for i, g in enumerate(self.groups or [GroupConfig(name="all")])]
 
     def group_sizes(self) -> list[int]:
         """Clients per group: shares rounded down, the remainder to the largest fractions."""
@@ -222,6 +292,17 @@ def _from_mapping(cls: type, data: Any, where: str) -> Any:
         else:
             kwargs[key] = _coerce(at, value, types[key])
     return cls(**kwargs)
+
+
+def flags() -> list[tuple[str, type, str]]:
+    """Each setting as a command-line flag: name, the type its text is read as, help."""
+    out = []
+    for name, annotation in _field_types(SimConfig).items():
+        if name == "groups":  # groups are YAML only
+            continue
+        base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+        out.append((name, base, SimConfig.__dataclass_fields__[name].metadata["help"]))
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> SimConfig:
@@ -316,47 +397,17 @@ def _check(cond: bool, where: str, message: str) -> None:
 def validate(cfg: SimConfig) -> None:
     """Check every value that can be checked without data or Ray; raise ConfigError."""
     for f in dataclasses.fields(cfg):  # NaN passes no range check, and inf passes "> 0"
-        value = getattr(cfg, f.name)
+        value, check = getattr(cfg, f.name), f.metadata.get("check")
         _check(not isinstance(value, float) or math.isfinite(value), f.name,
                f"must be a finite number, got {value}")
+        if check is not None and value is not None:
+            _check((problem := check(value)) is None, f.name, problem or "")
     for i, g in enumerate(cfg.groups):
         _check(math.isfinite(g.share), f"groups[{i}].share", f"must be a finite number, got {g.share}")
-    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}, got {cfg.seed}")
-    _check(cfg.out.strip() != "", "out", "must name a folder (it is empty)")
-    _check(cfg.clients >= 1, "clients", f"must be at least 1, got {cfg.clients}")
-    _check(cfg.rounds >= 1, "rounds", f"must be at least 1, got {cfg.rounds}")
-    _check(0.0 < cfg.fraction <= 1.0, "fraction", f"must be in (0, 1], got {cfg.fraction}")
-    _check(cfg.dataset in DATASETS, "dataset", f"'{cfg.dataset}' unknown; allowed: {', '.join(DATASETS)}")
-    _check(cfg.partition in PARTITIONS, "partition",
-           f"'{cfg.partition}' unknown; allowed: {', '.join(PARTITIONS)}")
-    _check(cfg.alpha > 0, "alpha", f"must be > 0, got {cfg.alpha}")
-    _check(cfg.classes_per_client >= 1, "classes_per_client", "must be at least 1")
-    _check(cfg.shards_per_client >= 1, "shards_per_client", "must be at least 1")
-    _check(cfg.protocol in PROTOCOLS, "protocol", f"'{cfg.protocol}' unknown; allowed: {', '.join(PROTOCOLS)}")
-    _check(cfg.split in SPLITS, "split", f"'{cfg.split}' unknown; allowed: {', '.join(SPLITS)}")
-    _check(cfg.adversary in ADVERSARIES, "adversary",
-           f"'{cfg.adversary}' unknown; allowed: {', '.join(ADVERSARIES)}")
     # FSHA answers every client batch with its own gradient: it needs the shared tail's
     # per-batch exchange (SFL-v1 trains tail copies in the clients' actors) and dL/dz itself
     _check(cfg.adversary != "hijack" or (cfg.protocol == "sflv2" and cfg.split == "vanilla"), "adversary",
            f"hijack needs --protocol sflv2 and --split vanilla, got {cfg.protocol} and {cfg.split}")
-    _check(cfg.device in DEVICES, "device", f"'{cfg.device}' unknown; allowed: {', '.join(DEVICES)}")
-    _check(cfg.client_cpus > 0, "client_cpus", f"must be > 0, got {cfg.client_cpus}")
-    _check(cfg.client_gpus >= 0, "client_gpus", f"must be >= 0, got {cfg.client_gpus}")
-    _check(cfg.epochs >= 1, "epochs", f"must be at least 1, got {cfg.epochs}")
-    _check(cfg.batch_size >= 1, "batch_size", f"must be at least 1, got {cfg.batch_size}")
-    _check(0 < cfg.lr < math.inf, "lr", f"must be a positive number, got {cfg.lr}")
-    _check(cfg.arch is None or cfg.arch in ARCHS, "arch",
-           f"'{cfg.arch}' unknown; allowed: {', '.join(ARCHS)} (or leave it unset to choose from the data)")
-    _check(cfg.bottleneck >= 1, "bottleneck", f"must be at least 1, got {cfg.bottleneck}")
-    _check(0 <= cfg.holdout < 1, "holdout", f"must be in [0, 1), got {cfg.holdout}")
-    _check(0 < cfg.aux_fraction < 1, "aux_fraction", f"must be in (0, 1), got {cfg.aux_fraction}")
-    _check(cfg.reservoir >= 1, "reservoir", f"must be at least 1, got {cfg.reservoir}")
-    _check(cfg.attack_every >= 0, "attack_every", f"must be >= 0 (0: final round only), got {cfg.attack_every}")
-    _check(cfg.attack_samples >= 1, "attack_samples", f"must be at least 1, got {cfg.attack_samples}")
-    _check(cfg.train_subset is None or cfg.train_subset >= 1, "train_subset", "must be at least 1")
-    _check(cfg.round_timeout is None or cfg.round_timeout > 0, "round_timeout", "must be > 0 seconds")
-    _check(0 <= cfg.client_failure_rate < 1, "client_failure_rate", f"must be in [0, 1), got {cfg.client_failure_rate}")
     _check(cfg.client_failure_rate == 0 or cfg.round_timeout is not None, "client_failure_rate",
            "needs --round-timeout: a client that vanishes is noticed only when the round's timeout passes")
     shares = [g.share for g in cfg.resolved_groups()]

@@ -410,7 +410,11 @@ def _make_partitioner(labels: np.ndarray, num_partitions: int, method: str, para
     """
     # Imported here: `datasets` takes over a second to import and only partitioning needs it.
     from flwr_datasets.partitioner import (
-        DirichletPartitioner, IidPartitioner, PathologicalPartitioner, ShardPartitioner)
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
 
     order = np.arange(len(labels))
     # shuffle=False everywhere: partitions come back sorted, so in-partition shuffles are waste.

@@ -119,7 +119,7 @@ def build_tail(spec: SplitSpec) -> nn.Sequential:
     pools = sum(1 for v in cfg if v == "M")
     flat = ch * (spec.in_shape[1] >> pools) * (spec.in_shape[2] >> pools)
     layers.append(nn.Flatten())
-    for i, h in enumerate(hidden):
+    for h in hidden:
         # VGG's classifier puts dropout before each hidden layer; the small net after the first.
         if spec.arch == "vgg11_bn":
             layers += [nn.Dropout(0.5), nn.Linear(flat, h), nn.ReLU(True)]
@@ -136,7 +136,7 @@ def build_last(spec: SplitSpec) -> nn.Linear:
     return nn.Linear(spec.hidden_width, spec.num_classes)
 
 
-def state_to_numpy(module: nn.Module) -> dict[str, "object"]:
+def state_to_numpy(module: nn.Module) -> dict[str, object]:
     """The floating-point state of a module as numpy arrays (for Flower records and averaging).
 
     Integer buffers (BatchNorm's ``num_batches_tracked``) are left out: they cannot be averaged
@@ -149,7 +149,7 @@ def state_to_numpy(module: nn.Module) -> dict[str, "object"]:
     }
 
 
-def load_numpy_state(module: nn.Module, state: dict[str, "object"]) -> None:
+def load_numpy_state(module: nn.Module, state: dict[str, object]) -> None:
     """Load a state produced by :func:`state_to_numpy`; every float entry must be present."""
     tensors = {k: torch.tensor(v) for k, v in state.items()}  # copies: inputs may be read-only
     missing, unexpected = module.load_state_dict(tensors, strict=False)

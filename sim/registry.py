@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any, Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 from sim.plugins import import_class, is_import_path
 from sim.spec import CallSpec

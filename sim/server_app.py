@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -22,13 +23,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from attacks.report import failure_counts
+from defenses.client_model import build_client_last, build_client_model
 from sim import checkpoint
-from sim.client import VANISHED, build_client_last, build_client_model
+from sim.client import VANISHED
 from sim.client_app import CLIENT_STATE
 from sim.config import ROUND_SALT, SimConfig, derive_seed
 from sim.models import SplitSpec, build_tail, load_numpy_state
-from sim.records import from_record, to_record
+from sim.records import failure_counts, from_record, to_record
 from strategies import resolve_strategy
 from strategies.state import load_strategy_state, strategy_state
 
@@ -80,7 +81,7 @@ ACTOR_RECOVERY_S = 300.0
 def await_client_actors(r: int, timeout: float = ACTOR_RECOVERY_S) -> None:
     """Before round ``r``: every client actor of this job is alive, or the run stops.
 
-    Ray restarts a dead client actor (``sim.run.ACTOR_RESTARTS``), but a client sent to it while
+    Ray restarts a dead client actor (``sim.experiment.ACTOR_RESTARTS``), but a client sent to it while
     it restarts fails at once; waiting here keeps every round after the one it died in at full
     strength. An actor that is dead for good (restarts used up) or not back in ``timeout`` raises
     ``RunFailure``: the run stops with the checkpoint of round ``r - 1``, resumable, rather than
@@ -255,7 +256,7 @@ class Federation:
         self.members = [[p for p in range(self.cfg.clients) if group_of[p] == g]
                         for g in range(len(self.groups))]
         self.strategies = [
-            resolve_strategy(str(g.strategy), {
+            resolve_strategy(g.strategy, {
                 "fraction_train": self.cfg.fraction, "fraction_evaluate": 0.0,
                 "min_train_nodes": 1, "min_available_nodes": len(self.members[i]),
             }) for i, g in enumerate(self.groups)]
@@ -364,7 +365,7 @@ class Federation:
         for start in range(0, len(messages), self.plan.num_actors):
             wave = messages[start:start + self.plan.num_actors]
             pids = [self.pid_of[m.metadata.dst_node_id] for m in wave]
-            waves.append((wave, [(p, group_of[p], int(self.groups[group_of[p]].cut)) for p in pids]))
+            waves.append((wave, [(p, group_of[p], self.groups[group_of[p]].cut) for p in pids]))
         return run_waves(self.grid, self.cloud, r, waves, timeout, on_reply_v2, self.pid_of)
 
     def _round(self, r: int) -> dict[str, Any]:
@@ -421,8 +422,8 @@ class Federation:
         torch.manual_seed(derive_seed(self.cfg.seed, r, ROUND_SALT))
         per_group = {
             group.name: evaluate_group(
-                self.plan.specs[int(group.cut)], from_record(self.heads[g]), tails[int(group.cut)],
-                str(group.defense), self.plan.eval_x, self.plan.eval_y)
+                self.plan.specs[group.cut], from_record(self.heads[g]), tails[group.cut],
+                group.defense, self.plan.eval_x, self.plan.eval_y)
             for g, group in enumerate(self.groups)}
         sizes = [len(m) for m in self.members]
         overall = sum(per_group[g.name] * n for g, n in zip(self.groups, sizes)) / sum(sizes)

@@ -14,8 +14,8 @@ import yaml
 
 from sim.config import config_from_dict
 from sim.data import to_tensor
+from sim.experiment import Prepared, prepare
 from sim.models import build_head, normalise
-from sim.run import Prepared, prepare
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

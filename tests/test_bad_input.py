@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-import sim.run
+import sim.experiment
 from sim.config import SimConfig, load_config, validate
 from sim.data import load_dataset
 from sim.run import main
@@ -67,7 +67,7 @@ def no_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object) -> None:
         raise AssertionError("the bad input passed validation and a simulation was about to start")
 
-    monkeypatch.setattr(sim.run, "simulate", refuse)
+    monkeypatch.setattr(sim.experiment, "simulate", refuse)
 
 
 # ------------------------------------------------------------------------------ CLI flags

@@ -74,7 +74,8 @@ def test_simulated_attackers_train_inside_the_simulation(run_dir):
 
     for c in records[-1]["clients"]:
         assert c["accuracy"] > 0.2  # chance is 0.1
-    assert 0 < mean(0, "adversarial", "defense-adversarial.ssim") < mean(1, "adversarial", "defense-adversarial.ssim") < 1
+    ssim = "defense-adversarial.ssim"
+    assert 0 < mean(0, "adversarial", ssim) < mean(1, "adversarial", ssim) < 1
     assert 0 <= mean(1, "adversarial", "defense-adversarial.active") <= 1
     assert 0 < mean(1, "infoscissors", "defense-paired-mse") < mean(0, "infoscissors", "defense-paired-mse")
     assert math.isfinite(mean(1, "infoscissors", "defense-bound"))

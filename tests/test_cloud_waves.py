@@ -7,35 +7,45 @@ given order, and tell the server when a wave's clients have all arrived.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import ray
 import torch
 
 from sim.cloud import CloudActor
+from sim.config import SimConfig
+from sim.experiment import _locked_down
 from sim.models import SplitSpec, build_tail, state_to_numpy
+from sim.view import VIEW_META
 
 SPEC = SplitSpec("small", (1, 28, 28), 10)
 
 
 @pytest.fixture(scope="module")
-def cloud():
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             namespace="test-cloud-waves")
-    torch.manual_seed(0)
-    setup = {"config": {"seed": 0, "lr": 1e-3, "reservoir": 16}, "specs": {SPEC.cut: vars(SPEC)},
-             "device": "cpu"}
-    yield CloudActor.remote(setup, {SPEC.cut: state_to_numpy(build_tail(SPEC))})
-    ray.shutdown()
+def cloud(tmp_path_factory):
+    with _locked_down(SimConfig()):  # Ray as the simulator starts it: token auth, loopback
+        ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 namespace="test-cloud-waves")
+        torch.manual_seed(0)
+        setup = {"config": {"seed": 0, "lr": 1e-3, "reservoir": 16}, "specs": {SPEC.cut: vars(SPEC)},
+                 "device": "cpu"}
+        yield CloudActor.remote(setup, {SPEC.cut: state_to_numpy(build_tail(SPEC))},
+                                str(tmp_path_factory.mktemp("store")))
+        ray.shutdown()
 
 
 def _batch(pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(pid)
     z = rng.random((4, *SPEC.feature_shape), dtype=np.float32)
     return np.arange(4) + 100 * pid, z, rng.integers(0, 10, 4)
+
+
+def _seen(cloud, round_: int) -> dict[int, int]:
+    """Features received per client in its latest completed round, from the cloud's store index
+    (after writing the round's shard, as the server's checkpoint does)."""
+    ray.get(cloud.flush.remote(round_))
+    meta = ray.get(cloud.state.remote())["store"]["meta"]
+    return {int(k.split("-")[1]): dict(zip(VIEW_META, v))["seen"] for k, v in meta.items() if k.startswith("done-")}
 
 
 def _waiting(ref: ray.ObjectRef, seconds: float = 0.5) -> bool:
@@ -55,8 +65,8 @@ def test_a_queued_wave_waits_for_the_open_one_and_turns_follow_the_order(cloud):
     assert _waiting(early)  # pid 1 has a turn left in the open wave
     ray.get(cloud.predict.remote(1, _batch(1)[1], True), timeout=30)
     ray.get(early, timeout=30)  # the wave is done: the queued one opened
-    views = ray.get(cloud.view.remote()).clients
-    assert {p: views[p].seen for p in (0, 1, 2)} == {0: 4, 1: 4, 2: 4}
+    seen = _seen(cloud, 1)
+    assert {p: seen[p] for p in (0, 1, 2)} == {0: 4, 1: 4, 2: 4}
 
 
 def test_wait_arrived_counts_a_dropped_client_and_the_wave_goes_on_without_it(cloud):
@@ -68,5 +78,5 @@ def test_wait_arrived_counts_a_dropped_client_and_the_wave_goes_on_without_it(cl
     ray.get(cloud.drop.remote(4))  # e.g. it failed before its first batch
     ray.get(arrived, timeout=30)
     ray.get(cloud.predict.remote(3, _batch(3)[1], True), timeout=30)  # not kept waiting for pid 4
-    views = ray.get(cloud.view.remote()).clients
-    assert views[3].seen == 4 and 4 not in views
+    seen = _seen(cloud, 2)
+    assert seen[3] == 4 and 4 not in seen

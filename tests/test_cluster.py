@@ -93,8 +93,8 @@ def _start_node(cluster: Cluster, name: str, *args: str) -> None:
 
 def _alive_nodes(address: str) -> int:
     """Alive nodes as the cluster's GCS reports them (a throwaway driver joins to ask)."""
-    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=_node_env(), timeout=60)
     return int(proc.stdout.split()[-1]) if proc.returncode == 0 and proc.stdout.split() else 0

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.view import load_view
-from sim.client import initial_model
+from defenses.client_model import initial_model
 from sim.records import record_bytes, to_record
+from sim.view import load_view
 from tests.simhelpers import SMALL, head_features, metrics, prepared, run_sim, without_timings
 
 
@@ -128,7 +128,7 @@ def test_amc_at_least_as_strong_as_pmc(passive, tmp_path):
 
 def test_report_handles_inversion_and_completion_rows(tmp_path):
     """One run's rows of both kinds: one CSV, group means per kind, both tables and figures."""
-    from attacks import report
+    from sim import report
 
     rows = []
     for pid in range(3):

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.view import ClientView, FeatureStore, Reservoir, load_view
+from attacks.completion import MaliciousOptimizer
 from sim.checkpoint import RoundShards
 from sim.cloud import CloudSession, average_states, make_optimizer
 from sim.config import ConfigError, GroupConfig, SimConfig, config_from_dict, load_config, validate
-from attacks.completion import MaliciousOptimizer
 from sim.models import SplitSpec, build_head, build_tail
 from sim.spec import SpecError, parse_call, parse_chain
+from sim.view import ClientView, FeatureStore, Reservoir, load_view
 
 
 def test_split_gradient_equals_end_to_end_gradient():

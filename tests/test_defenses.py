@@ -22,8 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses import (REGISTRY, Compose, Defense, DefenseError, build_defense, federated_arrays,
-                      load_arrays, local_arrays)
+from defenses import (
+    REGISTRY,
+    Compose,
+    Defense,
+    DefenseError,
+    build_defense,
+    federated_arrays,
+    load_arrays,
+    local_arrays,
+)
 from defenses.cem import CEM, fit_mixture
 from defenses.dropout import Dropout
 from defenses.mid import MID
@@ -67,7 +75,7 @@ def real_z(data):
 
 def built(text: str) -> Defense:
     d = build_defense(text)
-    d.bind(SHAPE, SPEC.in_shape)
+    d.bind(SPEC)
     return d
 
 
@@ -357,10 +365,10 @@ def test_mid_needs_bind_and_keeps_z_in_range(real_z):
     assert federated_arrays(d) == {}
     with pytest.raises(RuntimeError, match="bind"):
         d(z)
-    d.bind(SHAPE)
-    d.bind(SHAPE)  # idempotent
+    d.bind(SPEC)
+    d.bind(SPEC)  # idempotent
     with pytest.raises(ValueError, match="already bound"):
-        d.bind((8, 8, 8))
+        d.bind(SplitSpec("small", (1, 28, 28), 10, cut=2))
     n_params = sum(p.numel() for p in d.parameters())
     assert n_params == (M * 2 * M + 2 * M) + (M * 2 * M + 2 * M) + (2 * M * M + M)
     out = d.train()(z)
@@ -371,7 +379,7 @@ def test_mid_needs_bind_and_keeps_z_in_range(real_z):
     d.train()
     assert not torch.equal(d(z), d(z))  # a sample in training
     chain = build_defense("mid+noise")
-    chain.bind(SHAPE)
+    chain.bind(SPEC)
     assert chain.parts[0].feature_shape == SHAPE
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from attacks.view import load_view
 from sim.client import planned_failure
 from sim.config import SimConfig
+from sim.view import load_view
 from tests.simhelpers import SMALL, metrics, prepared, run_sim
 
 ATTACK = ["--aux-fraction", "0.3", "--attack-samples", "16",

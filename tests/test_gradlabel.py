@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from attacks.gradlabel import labels_from_gradients
-from attacks.stage import load_snapshot, run_stage
-from attacks.view import ClientView, FeatureStore, Reservoir, load_view
 from sim import checkpoint
 from sim.cloud import CloudSession
 from sim.models import SplitSpec, build_tail
+from sim.stage import load_snapshot, run_stage
+from sim.view import ClientView, FeatureStore, Reservoir, load_view
 from tests.simhelpers import prepared, run_cli, run_sim
 
 RUN = ["--clients", "10", "--rounds", "1", "--train-subset", "2000", "--batch-size", "32",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attacks.view import load_view
+from sim.view import load_view
 from tests.simhelpers import SMALL, prepared, run_sim
 
 ATTACKS = "decoder(epochs=3, width=16, blocks=1, batch_size=32, lr=0.003),rmle(steps=150)"

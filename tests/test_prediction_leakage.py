@@ -10,6 +10,8 @@ input-side term is zero, so ``defense.loss`` is left out to save the decoder's w
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +44,7 @@ def data() -> dict[str, torch.Tensor]:
 def bound_defense(lam_y: float) -> InfoScissors:
     d = build_defense(f"infoscissors(lam_x=0, lam_y={lam_y})")
     assert isinstance(d, InfoScissors)
-    d.bind(SPEC.feature_shape, SPEC.in_shape, (SPEC.hidden_width,), SPEC.num_classes)
+    d.bind(SPEC)
     return d
 
 
@@ -100,7 +102,7 @@ def test_phi_steps_lower_its_cross_entropy_and_only_while_training(real_h):
 
 def test_classifier_only_when_needed():
     vanilla = build_defense("infoscissors(lam_y=1)")
-    vanilla.bind(SPEC.feature_shape, SPEC.in_shape)
+    vanilla.bind(dataclasses.replace(SPEC, split="vanilla"))
     assert vanilla.needs_output() and vanilla.classifier is None
     with pytest.raises(RuntimeError, match="U-shaped"):
         vanilla.output_loss(torch.zeros(2, SPEC.hidden_width), torch.zeros(2, dtype=torch.long))
@@ -138,7 +140,8 @@ def test_ushaped_simulation_reports_the_bound(tmp_path):
     assert metrics(run_dir)[-1]["accuracy"] > 0.5
 
 
-def train_ushaped(lam_y: float, data: dict[str, torch.Tensor], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+def train_ushaped(lam_y: float, data: dict[str, torch.Tensor],
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Central U-shaped training (module docstring); returns eval-mode h of the train and test
     images and the client's test accuracy (its own last layer on h)."""
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """The Ray the simulator starts is locked down: loopback only, and a caller without the run's token is refused.
 
-A driver process starts Ray exactly as ``python -m sim.run`` does (``sim.run._locked_down`` and
+A driver process starts Ray exactly as ``python -m sim.run`` does (``sim.experiment._locked_down`` and
 ``_start_ray``), runs one actor, and waits; the tests then attack every port its process tree
 listens on the way an outsider would: raw gRPC calls to Ray's services without the token, HTTP
 without the token, and whole drivers joining with no token, a wrong token, or authentication off.
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = """
 import json, os, sys
-import sim.run as run
+import sim.experiment as run
 from sim.config import SimConfig
 cfg = SimConfig()
 with run._locked_down(cfg):
@@ -196,7 +196,7 @@ def test_a_driver_without_the_token_is_refused(local_ray: LocalRay) -> None:
             proc.kill()
             out, err = proc.communicate()
         outcomes[how] = (proc.returncode, out, err)
-    for how, (rc, out, err) in outcomes.items():
+    for how, (_, out, _) in outcomes.items():
         assert "joined" not in out, (how, out)
     rc, _, err = outcomes["no token"]
     assert rc == 1 and "AuthenticationError" in err, err[-2000:]
@@ -227,7 +227,7 @@ def test_the_token_is_in_no_file_of_the_ray_session(local_ray: LocalRay) -> None
 
 def test_each_run_gets_a_fresh_token_and_the_environment_is_restored() -> None:
     """No Ray needed: the per-run environment, twice, and what is left afterwards."""
-    import sim.run as run
+    import sim.experiment as run
     from sim.config import SimConfig
 
     before = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}

@@ -162,7 +162,7 @@ def test_a_stopped_run_says_so_in_one_line_leaves_nothing_and_resumes_exactly(
 
 def test_lost_client_rounds_are_counted_by_cause() -> None:
     """The summary's account, from the reasons the rounds recorded (no Ray needed)."""
-    from sim.run import lost_client_rounds
+    from sim.experiment import lost_client_rounds
 
     rounds = [{"round": 1, "failed": []},
               {"round": 2, "failed": [{"reason": "simulated failure: the client crashed before batch 3"},

@@ -19,3 +19,8 @@ def test_a_thousand_clients_fit_in_4_gb(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["peak_memory_mb"] <= 4096, summary["peak_memory_mb"]
     assert records[-1]["accuracy"] > 0.3
+    # incremental checkpoints: round 2 writes its own 100 clients' arrays, not rounds 1 and 2's
+    lines = (run_dir / "checkpoints.jsonl").read_text().splitlines()
+    written = {c["round"]: c["bytes"] for c in map(json.loads, lines)}
+    assert written[2] < 1.2 * written[1], written
+    assert sorted(p.name for p in (run_dir / "shards" / "view").iterdir()) == ["r00001.npz", "r00002.npz"]

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from attacks.view import load_view
+from sim.config import load_config
+from sim.experiment import Experiment
+from sim.run import build_parser
+from sim.view import load_view
 from tests.simhelpers import SMALL, head_features, metrics, prepared, run_sim, without_timings
 
 
 @pytest.fixture(scope="module")
 def sflv1_runs(tmp_path_factory):
-    """Two runs of the same seed (reproducibility) with the default protocol."""
-    return [run_sim(tmp_path_factory.mktemp(f"v1-{i}"), *SMALL, "--protocol", "sflv1") for i in range(2)]
+    """Two runs of the same seed (reproducibility) with the default protocol: one by the CLI,
+    one by the Python API in this process, as a notebook would (the same numbers, below)."""
+    cli = run_sim(tmp_path_factory.mktemp("v1-cli"), *SMALL, "--protocol", "sflv1")
+    settings = vars(build_parser().parse_args([*SMALL, "--protocol", "sflv1"]))  # the flags, typed
+    cfg = load_config(None, settings | {"out": str(tmp_path_factory.mktemp("v1-api"))})
+    results = Experiment(cfg).run()
+    assert results.run_dir.parent == Path(cfg.out) and results.rounds == metrics(results.run_dir)
+    assert results.final_accuracy == results.rounds[-1]["accuracy"] and results.leakage == []
+    return [cli, results.run_dir]
 
 
 def test_every_sampled_client_has_a_record_each_round(sflv1_runs):

@@ -110,7 +110,7 @@ class ClientView:
 
 
 # What a stored view keeps per client besides its arrays (small, in memory); "rows" is n.
-_META = ("partition_id", "group", "cut", "round", "seen", "bytes_received", "bytes_sent", "failed", "rows")
+VIEW_META = ("partition_id", "group", "cut", "round", "seen", "bytes_received", "bytes_sent", "failed", "rows")
 _ARRAYS = ("sample_ids", "features", "grads")
 
 
@@ -130,7 +130,7 @@ class FeatureStore:
 
     def __init__(self, directory: Path) -> None:
         self.shards = RoundShards(directory)
-        self.meta: dict[str, list[int]] = {}  # "done-3" / "failed-3": the view's _META values
+        self.meta: dict[str, list[int]] = {}  # "done-3" / "failed-3": the view's VIEW_META values
         self._bytes: dict[int, tuple[int, int]] = {}
 
     def put(self, view: ClientView) -> None:
@@ -141,7 +141,7 @@ class FeatureStore:
         self._bytes[view.partition_id] = total
         view.bytes_received, view.bytes_sent = total
         key = _key(view.partition_id, view.failed)
-        self.meta[key] = [int(getattr(view, f)) for f in _META[:-1]] + [len(view.sample_ids)]
+        self.meta[key] = [int(getattr(view, f)) for f in VIEW_META[:-1]] + [len(view.sample_ids)]
         self.shards.put(key, {f: a for f in _ARRAYS if (a := getattr(view, f)) is not None})
 
     def get(self, partition_id: int, failed: bool = False) -> ClientView | None:
@@ -149,7 +149,7 @@ class FeatureStore:
         key = _key(partition_id, failed)
         if key not in self.meta:
             return None
-        meta = dict(zip(_META, self.meta[key]))
+        meta = dict(zip(VIEW_META, self.meta[key]))
         del meta["rows"]
         arrays = self.shards.get(key) or {}
         return ClientView(**meta | {"failed": bool(meta["failed"])}, sample_ids=arrays["sample_ids"],
@@ -185,7 +185,7 @@ class FeatureStore:
         any); views without gradients have no such array.
         """
         keys = [_key(p, False) for p in self.partitions()] + [_key(p, True) for p in self.partitions(True)]
-        meta = {k: dict(zip(_META, self.meta[k])) for k in keys}
+        meta = {k: dict(zip(VIEW_META, self.meta[k])) for k in keys}
         cuts = sorted({m["cut"] for m in meta.values()})
 
         def write(f: Any) -> None:

@@ -9,24 +9,24 @@ data, then runs it on every client's recorded features. Only the scorer sees tru
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-import inspect
-
 from attacks.base import ATTACKS, Attack, AttackError, Knowledge, build_attack
 from attacks.scoring import Scorer
 from attacks.threads import fastest_threads, torch_threads
-from attacks.view import load_view
-from sim.client import build_client_last, build_client_model
+from defenses.client_model import build_client_last, build_client_model
 from sim.data import ImageData, to_tensor
 from sim.models import SplitSpec, build_tail, load_numpy_state
 from sim.spec import parse_call, split_top_level
+from sim.view import load_view
 
 METRICS = ("mse", "psnr", "ssim")  # of inversion attacks; completion rows have their accuracies
 
@@ -95,17 +95,17 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
     aux_labels = torch.from_numpy(data.test_y[aux_idx])
     scorer = Scorer(data.train_x, data.train_y)
     for g, group in enumerate(groups):
-        cut = int(group.cut)
+        cut = group.cut
         rows = snapshot.view.get(cut)
         if rows is None or not (rows["group_ids"] == g).any():
             continue
         spec = specs[cut]
-        head, defense = build_client_model(spec, str(group.defense), snapshot.heads[group.name], {})
+        head, defense = build_client_model(spec, group.defense, snapshot.heads[group.name], {})
         tail = build_tail(spec)
         load_numpy_state(tail, snapshot.tails[cut])
         start = snapshot.start_heads.get(group.name)
-        start_head = build_client_model(spec, str(group.defense), start, {})[0] if start else None
-        knowledge = Knowledge.from_models(level, head, tail, str(group.defense), spec, data.mean,
+        start_head = build_client_model(spec, group.defense, start, {})[0] if start else None
+        knowledge = Knowledge.from_models(level, head, tail, group.defense, spec, data.mean,
                                           data.std, defense=defense, start_head=start_head,
                                           last=build_client_last(spec, snapshot.heads[group.name]))
         mine = (rows["group_ids"] == g) & ~rows["failed"]
@@ -132,7 +132,7 @@ def run_stage(snapshot: Snapshot, groups: list[Any], specs: dict[int, SplitSpec]
                 for pid, (ids, feats, grads) in attacked.items():
                     out = attack.run(torch.from_numpy(feats), None if grads is None else torch.from_numpy(grads))
                     row = {"round": snapshot.round, "partition_id": pid, "group": group.name,
-                           "defense": str(group.defense), "attack": attack.name, "attacked": len(ids),
+                           "defense": group.defense, "attack": attack.name, "attacked": len(ids),
                            **fitted}
                     if attack.kind == "completion":
                         row["completion_accuracy"] = scorer.label_accuracy(ids, out)

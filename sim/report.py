@@ -1,6 +1,6 @@
 """The leakage report: ``leakage.csv``, per-group means, figures and ``report.md``.
 
-Rows come from :mod:`attacks.stage` (one per client, attack and attacked round) and are joined
+Rows come from :mod:`sim.stage` (one per client, attack and attacked round) and are joined
 with what each client reported while training (its held-out accuracy, data statistics, the
 defense's own numbers such as CEM's bound) so a reader can put leakage next to utility.
 Inversion rows carry MSE/PSNR/SSIM, completion rows (pmc, amc) ``completion_accuracy`` and
@@ -15,29 +15,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from attacks.scoring import WORST, WORST_LABELS
+from sim import explain
+from sim.explain import group_colours
+from sim.records import failure_counts
 
 STAT_FIELDS = ("num_examples", "num_classes", "majority_share", "accuracy")
 # The leakage column holding a client's CEM Gaussian-mixture term (``defenses.cem``'s
 # ``mixture-info`` report, whatever the chain's prefix), empty for clients without CEM.
 CEM_TERM = "cem_mixture_term"
 _CEM_REPORT_KEY = "mixture-info"
-
-
-def failure_counts(records: list[dict[str, Any]], until_round: int | None = None) -> dict[int, int]:
-    """Per client, the rounds it failed (crashed, or no reply in time), up to ``until_round``."""
-    counts: dict[int, int] = {}
-    for record in records:
-        if until_round is None or record["round"] <= until_round:
-            for f in record["failed"]:
-                counts[f["partition_id"]] = counts.get(f["partition_id"], 0) + 1
-    return counts
 
 
 def client_stats(labels: np.ndarray, partitions: list[tuple[np.ndarray, np.ndarray]],
@@ -78,49 +69,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-WORST = "worst-case"  # the pseudo-attack of each client's strongest inversion result
-WORST_LABELS = "worst-case-labels"  # ... and of its strongest label inference
-# per metric: which way is worse for the client (more leakage)
-_WORSE = {"ssim": max, "psnr": max, "mse": min, "completion_accuracy": max}
-
-
-def worst_case(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per client and attacked round, the strongest attack's result on every metric.
-
-    A defense is as good as its worst attack: for each (round, client) this gives the highest
-    SSIM and PSNR and the lowest MSE over the inversion attacks (``attack = "worst-case"``),
-    and the highest label accuracy over the label-inference attacks (``"worst-case-labels"``),
-    each with the attack that reached it (``ssim_attack``, ...). Metrics may come from
-    different attacks: each is the client's worst case on that metric.
-    """
-    by_client: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["attack"] not in (WORST, WORST_LABELS):
-            by_client[(row["round"], row["partition_id"])].append(row)
-    out = []
-    for (round_, pid), mine in sorted(by_client.items()):
-        for name, metrics in ((WORST, ("ssim", "psnr", "mse")), (WORST_LABELS, ("completion_accuracy",))):
-            scored = [r for r in mine if metrics[0] in r]
-            if not scored:
-                continue
-            worst = {k: v for k, v in scored[0].items() if k not in ATTACK_FIELDS}
-            worst |= {"attack": name, "attacks": "+".join(r["attack"] for r in scored)}
-            for metric in metrics:
-                best = _WORSE[metric](scored, key=lambda r: r[metric])
-                worst[metric], worst[f"{metric}_attack"] = best[metric], best["attack"]
-                if metric == "completion_accuracy":
-                    worst["scratch_accuracy"] = best.get("scratch_accuracy", float("nan"))
-            if name == WORST:
-                worst |= {f"baseline_{m}": scored[0][f"baseline_{m}"] for m in metrics}
-            out.append(worst)
-    return out
-
-
-# the columns that belong to one attack's result, not to the client
-ATTACK_FIELDS = ("attack", "mse", "psnr", "ssim", "baseline_mse", "baseline_psnr",
-                 "baseline_ssim", "completion_accuracy", "scratch_accuracy", "fit_epochs", "fit_stopped")
-
-
 def group_means(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[str, dict[str, float]]]:
     """``{attack: {group: {metric: mean}}}`` over the clients attacked at the final round."""
     acc: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -158,16 +106,11 @@ def cem_audit(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[st
     return audit
 
 
-def _colours(groups: list[str]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {g: cmap(i % 10) for i, g in enumerate(groups)}
-
-
 def plot_ssim_bars(rows: list[dict[str, Any]], attack: str, final_round: int, path: Path) -> None:
     rs = sorted((r for r in rows if r["attack"] == attack and r["round"] == final_round),
                 key=lambda r: r["partition_id"])
     groups = list(dict.fromkeys(r["group"] for r in rs))
-    colours = _colours(groups)
+    colours = group_colours(groups)
     fig, ax = plt.subplots(figsize=(max(6, len(rs) * 0.18), 3.5))
     ax.bar(range(len(rs)), [r["ssim"] for r in rs], color=[colours[r["group"]] for r in rs])
     ax.plot(range(len(rs)), [r["baseline_ssim"] for r in rs], "k_", label="mean-image baseline")
@@ -186,7 +129,7 @@ def plot_completion_bars(rows: list[dict[str, Any]], attack: str, final_round: i
     rs = sorted((r for r in rows if r["attack"] == attack and r["round"] == final_round),
                 key=lambda r: r["partition_id"])
     groups = list(dict.fromkeys(r["group"] for r in rs))
-    colours = _colours(groups)
+    colours = group_colours(groups)
     xs = range(len(rs))
     fig, ax = plt.subplots(figsize=(max(6, len(rs) * 0.18), 3.5))
     ax.bar(xs, [r["completion_accuracy"] for r in rs], color=[colours[r["group"]] for r in rs])
@@ -204,7 +147,7 @@ def plot_completion_bars(rows: list[dict[str, Any]], attack: str, final_round: i
 
 def plot_accuracy_vs_ssim(rows: list[dict[str, Any]], attack: str, final_round: int, path: Path) -> None:
     rs = [r for r in rows if r["attack"] == attack and r["round"] == final_round and "accuracy" in r]
-    colours = _colours(list(dict.fromkeys(r["group"] for r in rs)))
+    colours = group_colours(list(dict.fromkeys(r["group"] for r in rs)))
     fig, ax = plt.subplots(figsize=(5, 4))
     for g, c in colours.items():
         mine = [r for r in rs if r["group"] == g]
@@ -292,7 +235,8 @@ def per_round_lines(rows: list[dict[str, Any]]) -> list[str]:
     by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rs:
         by[(r["attack"], r["round"])].append(r)
-    lines = ["Per attacked round (means over clients):", "", "| attack | round | accuracy | SSIM |", "|---|---|---|---|"]
+    lines = ["Per attacked round (means over clients):", "",
+             "| attack | round | accuracy | SSIM |", "|---|---|---|---|"]
     for (attack, round_), group in sorted(by.items()):
         accuracy = np.mean([r["accuracy"] for r in group if r.get("accuracy") is not None] or [np.nan])
         lines.append(f"| {attack} | {round_} | {accuracy:.3f} | {np.mean([r['ssim'] for r in group]):.3f} |")
@@ -371,6 +315,11 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], examples: dict[str, 
                              f"{m['completion_accuracy']:.3f} | {m['scratch_accuracy']:.3f} |")
         lines.append("")
     lines += lost_rounds_lines(run_dir / "summary.json")
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    explained, explain_figures = explain.report_lines(rows, records, final_round, run_dir)
+    lines += explained
+    figures += explain_figures
     winners = [r["ssim_attack"] for r in rows if r["attack"] == WORST and r["round"] == final_round]
     if winners:
         counts = ", ".join(f"{a} {winners.count(a)}" for a in dict.fromkeys(winners))
