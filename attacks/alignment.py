@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ def mk_mmd(a: torch.Tensor, b: torch.Tensor,
     x = torch.cat([a.flatten(1), b.flatten(1)])
     d2 = torch.cdist(x, x).pow(2)
     scale = d2.detach().mean().clamp_min(1e-12)
-    k = sum(torch.exp(-d2 / (2 * alpha * scale)) for alpha in alphas)
+    k = cast(torch.Tensor, sum(torch.exp(-d2 / (2 * alpha * scale)) for alpha in alphas))  # alphas: not empty
     n = len(a)
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
 
@@ -161,6 +162,7 @@ def train_substitute(substitute: nn.Module, critic: nn.Module, defense: nn.Modul
             zs = f(x)
             loss = zs.new_zeros(())
             if use_ce:
+                assert tail is not None and labels is not None  # checked above
                 loss = loss + ce_weight * F.cross_entropy(tail(zs), labels[idx].to(device))
             if adv_weight > 0:
                 loss = loss + adv_weight * fool_loss(critic, zs, critic_kind)
@@ -182,6 +184,7 @@ def train_substitute(substitute: nn.Module, critic: nn.Module, defense: nn.Modul
         defense.train()
         val = float(mk_mmd(zs[:m], observed[obs_val[:m]].to(device)))
         if use_ce:
+            assert tail is not None and labels is not None  # checked above
             val += ce_weight * float(F.cross_entropy(tail(zs), labels[aux_val].to(device)))
         return val
 
@@ -224,6 +227,7 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
     modules, optimizers = [decoder], [opt]
     use_gan = image_critic is not None and image_adv > 0 and observed is not None
     if use_gan:
+        assert image_critic is not None  # use_gan
         image_critic.to(device).train()
         opt_c = torch.optim.Adam(image_critic.parameters(), lr=lr, betas=(0.5, 0.999))
         modules, optimizers = [decoder, image_critic], [opt, opt_c]
@@ -241,6 +245,7 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
             recon = reconstruction_loss(decoder(z), x, ssim_weight)
             loss = recon
             if use_gan:
+                assert image_critic is not None and observed is not None  # use_gan
                 z_obs = observed[torch.randint(len(observed), (len(idx),))].to(device)
                 fake = decoder(z_obs)
                 loss = loss + image_adv * fool_loss(image_critic, fake, "bce")
@@ -248,6 +253,7 @@ def train_inversion(decoder: nn.Module, defense: nn.Module, h: torch.Tensor,
             loss.backward()
             opt.step()
             if use_gan:
+                assert image_critic is not None  # use_gan
                 critic_step(image_critic, opt_c, x, fake, "bce")
             total, seen = total + float(recon.detach()) * len(idx), seen + len(idx)
         return total / max(seen, 1)
@@ -322,6 +328,7 @@ class SubstituteAttack(Attack):
         obs_split = split_validation(len(observed), seed=1)
         # A fresh head of the public architecture: never the victim's weights.
         self.substitute = build_head(knowledge.split)
+        assert knowledge.defense is not None  # Knowledge builds it from the public spec
         defense = copy.deepcopy(knowledge.defense)
         critic = FeatureCritic(knowledge.feature_shape, self.critic_width)
         self.curves = [train_substitute(
@@ -341,4 +348,5 @@ class SubstituteAttack(Attack):
             name=f"{self.name} inversion"))
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.decoder is not None  # set by _fit (run() checks that fit ran)
         return decode(self.decoder, features, device=self.device)

@@ -62,7 +62,7 @@ class Knowledge:
     """
 
     level: str
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    image_shape: tuple[int, ...]  # (C, H, W)
     feature_shape: tuple[int, int, int]
     num_classes: int
     tail: nn.Module | None  # the cloud's own tail (eval mode, a private copy)
@@ -152,7 +152,8 @@ class Knowledge:
             defense_mod = build_defense(defense_spec)
             defense_mod.bind(spec)
         defense_mod.eval()
-        public = dict(defense_mod.public_params()) if hasattr(defense_mod, "public_params") else {}
+        public_params = getattr(defense_mod, "public_params", None)
+        public = dict(public_params()) if public_params is not None else {}
         query = head_copy = start_query = None
         if rank >= _level_rank("query"):
             if head is None:
@@ -211,7 +212,7 @@ class Attack:
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[str] = "none"  # the minimum knowledge level
+    needs: str = "none"  # the minimum knowledge level (an instance may raise it: gradlabel's mode)
     kind: ClassVar[str] = "inversion"  # or "completion": recovers labels, not images
     splits: ClassVar[tuple[str, ...]] = SPLITS  # the splits (sim.models.SPLITS) it works on
     adversary: ClassVar[str] = "passive"  # "active": needs a cloud that trained maliciously
@@ -272,7 +273,13 @@ class Attack:
              aux_labels: torch.Tensor | None) -> None:
         raise NotImplementedError
 
-    def _run(self, features: torch.Tensor) -> torch.Tensor:
+    # ``*gradients``: an attack that ``uses_gradients`` overrides this as ``_run(features, gradients)``
+    def _run(self, features: torch.Tensor, *gradients: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scratch(self, images01: torch.Tensor) -> torch.Tensor:
+        """Completion attacks: the reference labels, predicted without the features (the stage
+        scores them beside the attack's)."""
         raise NotImplementedError
 
 
@@ -280,7 +287,7 @@ def _as_float(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float32)
 
 
-def _as_images(x: torch.Tensor, shape: tuple[int, int, int], what: str) -> torch.Tensor:
+def _as_images(x: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
     """Check a float (N, C, H, W) batch in [0, 1] (the one image space attacks work in)."""
     x = torch.as_tensor(x)
     if not x.is_floating_point() or tuple(x.shape[1:]) != tuple(shape) or len(x) == 0:

@@ -103,6 +103,9 @@ class MaliciousOptimizer:
 class InferenceHead(nn.Module):
     """The completion MLP: fixed input standardisation, Linear-ReLU-Linear."""
 
+    mean: torch.Tensor  # buffers (register_buffer in __init__), declared for the type checker
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, hidden: int, classes: int) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
@@ -214,9 +217,9 @@ class PassiveCompletion(Attack):
         if labels_per_class < 1 or unlabelled < 1 or views < 2 or steps < 1 or batch_size < 1:
             raise ValueError("need labels_per_class, unlabelled, steps, batch_size >= 1 and views >= 2")
         self.labels_per_class, self.unlabelled, self.views = labels_per_class, unlabelled, views
-        self.train_args = dict(steps=steps, batch_size=batch_size, lr=lr, lambda_u=lambda_u,
-                               temperature=temperature, alpha=alpha, ema_decay=ema_decay,
-                               hidden=hidden)
+        self.train_args: dict[str, Any] = dict(steps=steps, batch_size=batch_size, lr=lr, lambda_u=lambda_u,
+                                               temperature=temperature, alpha=alpha, ema_decay=ema_decay,
+                                               hidden=hidden)
         self.head: nn.Module | None = None
         self.scratch_head: nn.Module | None = None
 
@@ -224,11 +227,11 @@ class PassiveCompletion(Attack):
              aux_labels: torch.Tensor | None) -> None:
         if aux_labels is None:
             raise AttackError(f"attack '{self.name}' needs the labels of its auxiliary data")
-        assert knowledge.query is not None and knowledge.tail is not None
         with torch_threads(1):  # its MLP's ops are far too small to gain from more threads
             self._complete(knowledge, aux01, aux_labels)
 
     def _complete(self, knowledge: Knowledge, aux01: torch.Tensor, aux_labels: torch.Tensor) -> None:
+        assert knowledge.query is not None and knowledge.tail is not None
         classes = knowledge.num_classes
         labelled = labelled_subset(aux_labels, self.labels_per_class, classes)
         rest = torch.ones(len(aux01), dtype=torch.bool)
@@ -253,6 +256,8 @@ class PassiveCompletion(Attack):
         return torch.cat([tail(z[i:i + batch]) for i in range(0, len(z), batch)])
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
+        # set by fit (run() checks that it ran), which needs the tail (needs = "query")
+        assert self.head is not None and self.knowledge is not None and self.knowledge.tail is not None
         with torch.no_grad():
             return self.head(self._tail_features(self.knowledge.tail, features)).argmax(1)
 

@@ -15,6 +15,7 @@ depending on the head and defense, and stopping short understates the leakage.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,9 @@ def reconstruction_loss(recon01: torch.Tensor, x01: torch.Tensor, ssim_weight: f
     if ssim_weight > 0:
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-        loss = loss + ssim_weight * (1 - ssim(recon01, x01, gaussian_kernel=True, sigma=1.5,
-                                              kernel_size=11, data_range=1.0))
+        # torchmetrics types its SSIM Tensor | (Tensor, Tensor); without return_full_image it is a Tensor
+        loss = loss + ssim_weight * (1 - cast(torch.Tensor, ssim(recon01, x01, gaussian_kernel=True, sigma=1.5,
+                                                                 kernel_size=11, data_range=1.0)))
     return loss
 
 
@@ -152,6 +154,7 @@ class DecoderAttack(Attack):
             ssim_weight=self.ssim_weight, device=self.device, name=self.name)]
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.decoder is not None  # set by _fit (run() checks that fit ran)
         return decode(self.decoder, features, device=self.device)
 
 

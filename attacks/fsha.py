@@ -116,6 +116,7 @@ class Hijacker:
         self.critic(zt).mean().backward()
         for p in self.critic.parameters():
             p.requires_grad_(True)
+        assert zt.grad is not None  # zt is a leaf that requires grad, and backward() just ran
         grad = zt.grad.cpu().numpy()
         self.pilot.train()
         self.inverse.train()
@@ -191,4 +192,5 @@ class FSHAAttack(Attack):
         self.inverse.to(self.device)
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.inverse is not None  # set by _fit (run() checks that fit ran)
         return decode(self.inverse, features, device=self.device)

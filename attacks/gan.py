@@ -16,6 +16,7 @@ epochs, a narrow decoder); off by default in the simulator's ``--attacks``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from attacks.decoder import DecoderAttack
 class Critic(nn.Module):
     """CEM's DGWGAN discriminator for any image size: the last conv covers the remaining map."""
 
-    def __init__(self, image_shape: tuple[int, int, int], width: int = 32) -> None:
+    def __init__(self, image_shape: tuple[int, ...], width: int = 32) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         ch, (h, w) = image_shape[0], image_shape[1:]
@@ -134,8 +135,8 @@ class GanAttack(DecoderAttack):
         if gan_epochs < 1 or gan_batch_size < 1 or n_critic < 1:
             raise ValueError(f"need gan_epochs, gan_batch_size, n_critic >= 1; got {gan_epochs}, "
                              f"{gan_batch_size}, {n_critic}")
-        self.gan_args = dict(epochs=gan_epochs, batch_size=gan_batch_size, n_critic=n_critic,
-                             gp=gp, mse_weight=mse_weight, lr_g=lr_g, lr_d=lr_d, device=device)
+        self.gan_args: dict[str, Any] = dict(epochs=gan_epochs, batch_size=gan_batch_size, n_critic=n_critic,
+                                             gp=gp, mse_weight=mse_weight, lr_g=lr_g, lr_d=lr_d, device=device)
         self.critic_width = critic_width
         self.gan_history: list[float] = []
 
@@ -143,4 +144,6 @@ class GanAttack(DecoderAttack):
              aux_labels: torch.Tensor | None) -> None:
         super()._fit(knowledge, aux01, aux_labels)
         critic = Critic(knowledge.image_shape, self.critic_width)
+        # the decoder super()._fit trained, with the query oracle that needs = "query" grants
+        assert self.decoder is not None and knowledge.query is not None
         self.gan_history = train_gan(self.decoder, critic, knowledge.query, aux01, **self.gan_args)

@@ -53,6 +53,8 @@ expected to hide labels from this attack (not measured).
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -120,7 +122,8 @@ class GradientLabelInference(Attack):
             if knowledge.last is None:
                 raise AttackError(f"attack '{self.name}': the white-box knowledge carries no "
                                   "last layer (not a U-shaped run?)")
-            self.weight, self.used = knowledge.last.weight.detach().cpu().float(), "whitebox"
+            weight = cast(torch.Tensor, knowledge.last.weight)  # nn.Module types it Tensor | Module
+            self.weight, self.used = weight.detach().cpu().float(), "whitebox"
             return
         if aux_labels is None:
             raise AttackError(f"attack '{self.name}' without the client's last layer needs the "
@@ -155,14 +158,16 @@ class GradientLabelInference(Attack):
 
     def _run(self, features: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         g = gradients.flatten(1).to(torch.float64)
-        width = (self.weight if self.used == "whitebox" else self.centres).shape[1]
+        fitted = self.weight if self.used == "whitebox" else self.centres
+        assert fitted is not None  # _fit set the one of the mode it chose (run() checks fit ran)
+        width = fitted.shape[1]
         if g.shape[1] != width:
             raise AttackError(f"attack '{self.name}': gradients of {g.shape[1]} entries per "
                               f"sample, the client's last layer takes {width}")
         if self.used == "whitebox":
-            return labels_from_gradients(g, self.weight)
+            return labels_from_gradients(g, fitted)
         finite = torch.isfinite(g).all(1)
-        nearest = (_unit(torch.where(finite[:, None], g, 0.0)) @ self.centres.T).argmax(1)
+        nearest = (_unit(torch.where(finite[:, None], g, 0.0)) @ fitted.T).argmax(1)
         return torch.where(finite, nearest, torch.full_like(nearest, -1))
 
     def scratch(self, images01: torch.Tensor) -> torch.Tensor:
@@ -213,4 +218,5 @@ def cosine_kmeans(x: torch.Tensor, k: int, restarts: int,
         tightness = float((u * centres[assign]).sum())
         if best is None or tightness > best[0]:
             best = (tightness, assign, centres)
+    assert best is not None  # restarts >= 1
     return best[1], best[2]

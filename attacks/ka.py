@@ -119,17 +119,18 @@ class KnowledgeAlignment(Attack):
             raise AttackError("attack 'ka' needs the cloud's tail and the split spec in its "
                               "knowledge")
         # The surrogate copies the public architecture, never the real head's weights.
-        self.surrogate = build_head(knowledge.split)
+        self.surrogate = surrogate = build_head(knowledge.split)
+        assert knowledge.defense is not None  # Knowledge builds it from the public spec
         defense = copy.deepcopy(knowledge.defense)
         surrogate_curve = train_surrogate(
-            self.surrogate, defense, knowledge.tail, knowledge.normalise, aux01, aux_labels,
+            surrogate, defense, knowledge.tail, knowledge.normalise, aux01, aux_labels,
             budget=self.head_budget, lr=self.head_lr, device=self.device)
-        self.surrogate.eval()
+        surrogate.eval()
         defense.eval()
 
         def surrogate_query(x01: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return torch.cat([defense(self.surrogate(knowledge.normalise(
+                return torch.cat([defense(surrogate(knowledge.normalise(
                     x01[i:i + 1024].to(self.device)))) for i in range(0, len(x01), 1024)])
 
         self.decoder = build_decoder(knowledge.feature_shape, knowledge.image_shape,
@@ -139,4 +140,5 @@ class KnowledgeAlignment(Attack):
             lr=self.lr, device=self.device, name="ka decoder")]
 
     def _run(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.decoder is not None  # set by _fit (run() checks that fit ran)
         return decode(self.decoder, features, device=self.device)

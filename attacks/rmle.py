@@ -89,8 +89,9 @@ class RMLE(Attack):
                           for i in range(0, len(features), size)])
 
     def _invert(self, z: torch.Tensor) -> torch.Tensor:
-        knowledge = self.knowledge
-        x = self.start.to(self.device).expand(len(z), *self.start.shape[1:]).clone()
+        knowledge, start = self.knowledge, self.start
+        assert knowledge is not None and start is not None  # set by fit (run() checks that it ran)
+        x = start.to(self.device).expand(len(z), *start.shape[1:]).clone()
         x.requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=self.lr, eps=1e-3, amsgrad=True)
         for _ in range(self.steps):

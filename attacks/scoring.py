@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,10 +36,11 @@ def per_image_metrics(recon01: torch.Tensor, true01: torch.Tensor) -> dict[str, 
     recon01, true01 = recon01.detach().float().cpu(), true01.detach().float().cpu()
     mse = ((recon01 - true01) ** 2).flatten(1).mean(1)
     psnr = (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP / 10))))
+    # torchmetrics types its SSIM Tensor | (Tensor, Tensor); without return_full_image it is a Tensor
     ssim = torch.cat([
-        structural_similarity_index_measure(
+        cast(torch.Tensor, structural_similarity_index_measure(
             recon01[i:i + _CHUNK], true01[i:i + _CHUNK], gaussian_kernel=True, sigma=1.5,
-            kernel_size=11, data_range=1.0, reduction="none")
+            kernel_size=11, data_range=1.0, reduction="none"))
         for i in range(0, len(recon01), _CHUNK)])
     return {"mse": mse, "psnr": psnr, "ssim": ssim}
 

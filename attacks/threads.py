@@ -70,4 +70,4 @@ def fastest_threads(feature_shape: tuple[int, ...], image_shape: tuple[int, ...]
                 return time.perf_counter() - start
 
         timings = {n: min(seconds(n), seconds(n)) for n in (1, cores)}
-    return min(timings, key=timings.get)
+    return min(timings, key=timings.__getitem__)

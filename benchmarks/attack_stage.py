@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from attacks.base import build_attack
-from attacks.decoder import decode, train_decoder
+from attacks.decoder import DecoderAttack, decode, train_decoder
 from attacks.scoring import Scorer
 from attacks.threads import available_cores, torch_threads
 from defenses.client_model import build_client_model
@@ -56,7 +56,7 @@ from sim.experiment import Prepared, _quiet_libraries, attack_stage, make_run_di
 from sim.models import normalise
 from sim.stage import load_snapshot, parse_attacks
 
-RUNS = {  # the issue's run, and the README demo
+RUNS: dict[str, dict[str, Any]] = {  # the issue's run, and the README demo
     "small": {"clients": 10, "rounds": 1, "train_subset": 5000, "defense": "none", "attacks": "decoder"},
     "demo": {"clients": 50, "defense": "cem", "attacks": "decoder"},
 }
@@ -88,7 +88,7 @@ def direct_fit(run_dir: Path, prep: Prepared) -> float:
     """The decoder of the run's attack spec, fitted and applied with no simulator code between."""
     cfg = prep.config
     spec_text = next(a for a in parse_attacks(cfg.attacks) if a.startswith("decoder"))
-    attack = build_attack(spec_text)  # only for its parameters
+    attack = cast(DecoderAttack, build_attack(spec_text))  # a decoder(...) spec, only for its parameters
     group = cfg.resolved_groups()[0]
     spec = prep.specs[group.cut]
     snapshot = load_snapshot(run_dir, cfg.rounds)

@@ -34,12 +34,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
 from defenses.client_model import initial_model
-from sim.client import local_train, make_runtime
+from sim.client import TailLink, local_train, make_runtime
 from sim.cloud import CloudSession, average_states, make_optimizer
 from sim.config import RESERVOIR_SALT, SimConfig, derive_seed
 from sim.data import to_tensor
@@ -92,7 +93,8 @@ def single_process(cfg: SimConfig, threads: int) -> list[float]:
                 session = CloudSession(copy_, make_optimizer(copy_.parameters(), cfg.lr), reservoir)
             else:
                 session = CloudSession(tail, tail_opt, reservoir)
-            state, _, metrics = local_train(rt, pid, r, head_state, InProcessTail(session))
+            link = cast(TailLink, InProcessTail(session))  # vanilla split: no forward, backward, embed
+            state, _, metrics = local_train(rt, pid, r, head_state, link)
             heads.append(state)
             tails.append(state_to_numpy(session.tail))
             weights.append(metrics["num-examples"])
@@ -152,7 +154,7 @@ def main() -> None:
         run = simulator(cfg)
         loops = {threads: single_process(cfg, threads) for threads in sorted({1, cores})}
         steady = {threads: np.mean(r[1:]) for threads, r in loops.items()}
-        best = min(steady, key=steady.get)  # the baseline gets the whole machine: its faster setting
+        best = min(steady, key=steady.__getitem__)  # the baseline gets the whole machine: its faster setting
         sim_steady, loop_total = np.mean(run.rounds[1:]), sum(loops[best])
         print(f"| {n} | {cfg.protocol} | {steady[1]:.2f} | {steady[cores]:.2f} | {sim_steady:.2f} "
               f"| {sim_steady / steady[best]:.2f}x | {loop_total:.1f} | {run.total:.1f} "

@@ -46,19 +46,19 @@ def main() -> None:
     rows = []
     for name, base in BASES.items():
         plain = results[base] = harness.evaluate(base)
-        with_cem = results[f"{base}+{cem}"] = harness.evaluate(f"{base}+{cem}")
-        for label, o in ((name, plain), (f"{name} + CEM", with_cem)):
-            gain = f"{(o.mse / plain.mse - 1) * 100:+.0f} %" if o is with_cem else "–"
+        plus_cem = results[f"{base}+{cem}"] = harness.evaluate(f"{base}+{cem}")
+        for label, o in ((name, plain), (f"{name} + CEM", plus_cem)):
+            gain = f"{(o.mse / plain.mse - 1) * 100:+.0f} %" if o is plus_cem else "–"
             rows.append((label, o.accuracy, o.mse, o.ssim, gain))
     print(markdown_table(("defense", "accuracy", "attack MSE", "attack SSIM", "CEM MSE gain"), rows), "\n")
     noise_only = [results.get(f"noise(sigma={sg})") or harness.evaluate(f"noise(sigma={sg})")
                   for sg in NOISE_SWEEP]
     with_cem = [results[f"noise(sigma={sg})+{cem}"] for sg in SIGMAS]
-    rows = [(f"noise {sg}", o.accuracy, o.mse, o.ssim) for sg, o in zip(NOISE_SWEEP, noise_only)]
-    rows += [(f"noise {sg} + CEM", o.accuracy, o.mse, o.ssim) for sg, o in zip(SIGMAS, with_cem)]
+    matched = [(f"noise {sg}", o.accuracy, o.mse, o.ssim) for sg, o in zip(NOISE_SWEEP, noise_only)]
+    matched += [(f"noise {sg} + CEM", o.accuracy, o.mse, o.ssim) for sg, o in zip(SIGMAS, with_cem)]
+    matched.sort(key=lambda r: -r[1])
     print("## Matched accuracy: noise alone vs noise + CEM\n")
-    print(markdown_table(("defense", "accuracy", "attack MSE", "attack SSIM"),
-                         sorted(rows, key=lambda r: -r[1])), "\n")
+    print(markdown_table(("defense", "accuracy", "attack MSE", "attack SSIM"), matched), "\n")
     path = s.out / f"cem_matched_accuracy_{s.dataset}.png"
     plot_curves({"noise alone": noise_only, f"noise + CEM (lam {args.lam})": with_cem}, "mse", path,
                 "CEM vs noise alone at matched accuracy")

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from benchmarks.reproduction import Harness, Outcome, add_scale_args, markdown_table, plot_curves, scale_from_args
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     s = scale_from_args(args)
 
-    def chosen(sweeps: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    def chosen(sweeps: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
         return {k: v for k, v in sweeps.items() if args.only is None or k.split()[0] in args.only.split(",")}
 
     print(f"# InfoScissors reproduction: {s.dataset}, {s.train_subset} training images, {s.epochs} epochs, "

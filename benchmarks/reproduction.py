@@ -200,6 +200,7 @@ class Harness:
         torch.manual_seed(s.seed + 1)
         knowledge = Knowledge.from_models("query", head, tail, defense_text, self.spec,
                                           self.data.mean, self.data.std, defense)
+        assert knowledge.query is not None  # level "query" grants it
         if self.spec.ushaped:
             pmc = build_attack("pmc")
             pmc.fit(knowledge, self.aux01, self.aux_labels)

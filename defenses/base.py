@@ -19,7 +19,8 @@ Defenses are registered by name with typed keyword parameters so that one syntax
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -109,41 +110,45 @@ class Compose(Defense):
         for part in parts:
             part.attach(list(parts))
 
+    def _chain(self) -> Iterable[Defense]:
+        """``parts`` typed as the defenses they are (a ModuleList iterates as plain Modules)."""
+        return cast("Iterable[Defense]", self.parts)
+
     def bind(self, spec: SplitSpec) -> None:
-        for part in self.parts:
+        for part in self._chain():
             part.bind(spec)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for part in self.parts:
+        for part in self._chain():
             z = part(z)
         return z
 
     def loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sum((part.loss(x, z, y) for part in self.parts), z.new_zeros(()))
+        return sum((part.loss(x, z, y) for part in self._chain()), z.new_zeros(()))
 
     def output_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sum((part.output_loss(h, y) for part in self.parts), h.new_zeros(()))
+        return sum((part.output_loss(h, y) for part in self._chain()), h.new_zeros(()))
 
     def protect_gradient(self, grad_h: torch.Tensor) -> torch.Tensor:
-        for part in self.parts:
+        for part in self._chain():
             grad_h = part.protect_gradient(grad_h)
         return grad_h
 
     def needs_output(self) -> bool:
-        return any(part.needs_output() for part in self.parts)
+        return any(part.needs_output() for part in self._chain())
 
     def on_epoch_end(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        for part in self.parts:
+        for part in self._chain():
             part.on_epoch_end(features, labels)
 
     def wants_epoch_features(self) -> bool:
-        return any(part.wants_epoch_features() for part in self.parts)
+        return any(part.wants_epoch_features() for part in self._chain())
 
     def report(self) -> dict[str, float]:
-        return {f"{part.name}.{k}": v for part in self.parts for k, v in part.report().items()}
+        return {f"{part.name}.{k}": v for part in self._chain() for k, v in part.report().items()}
 
     def public_params(self) -> dict[str, Any]:
-        return {f"{i}.{part.name}.{k}": v for i, part in enumerate(self.parts)
+        return {f"{i}.{part.name}.{k}": v for i, part in enumerate(self._chain())
                 for k, v in part.public_params().items()}
 
 FEDERATED_PREFIX = "defense."

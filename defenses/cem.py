@@ -145,7 +145,7 @@ def fit_mixture(features: torch.Tensor, labels: torch.Tensor, k: int, sigma: flo
     variances = torch.zeros(n_classes, k)
     counts = torch.zeros(n_classes)
     log_term = torch.zeros(n_classes)
-    warm = previous is not None and previous.centroids.shape[1:] == (k, m)
+    warm = previous if previous is not None and previous.centroids.shape[1:] == (k, m) else None
     for c in range(n_classes):
         x = x_all[labels == c]
         counts[c] = len(x)
@@ -153,8 +153,8 @@ def fit_mixture(features: torch.Tensor, labels: torch.Tensor, k: int, sigma: flo
         if k_c == 0:
             continue
         start = x_all.new_zeros(0, m)
-        if warm and c < len(previous.centroids):
-            start = previous.centroids[c][previous.weights[c] > 0][:k_c]
+        if warm is not None and c < len(warm.centroids):
+            start = warm.centroids[c][warm.weights[c] > 0][:k_c]
         sub = x if len(x) <= fit_cap else x[torch.randperm(len(x))[:fit_cap]]
         centres = _lloyd(sub, _kmeanspp(sub, start, k_c), max_iters)
         assign = _sq_dists(x, centres).argmin(1)
@@ -183,6 +183,11 @@ class CEM(Defense):
     DEFAULT_SIGMA = 0.05
     FIT_CAP = 2000  # samples per class that k-means iterates on
     MAX_ITERS = 50  # Lloyd iterations per fit (the repo's 50), fewer when assignments settle
+    # Buffers (register_buffer in __init__), declared for the type checker.
+    centroids: torch.Tensor
+    weights: torch.Tensor
+    variances: torch.Tensor
+    counts: torch.Tensor
 
     def __init__(self, lam: float = 0.05, k: int = 5, sigma: float | None = None) -> None:
         super().__init__()
@@ -197,7 +202,7 @@ class CEM(Defense):
                 raise ValueError(f"sigma must be in (0, 10] (CEM presupposes noise), got {sigma}")
         self.lam, self.k = lam, k
         self._sigma_arg = None if sigma is None else float(sigma)
-        self.sigma = self._sigma_arg if sigma is not None else self.DEFAULT_SIGMA
+        self.sigma = self._sigma_arg if self._sigma_arg is not None else self.DEFAULT_SIGMA
         self.own_noise = True  # no noise part beside it: CEM adds its own
         self.register_buffer("centroids", torch.zeros(0, k, 0))
         self.register_buffer("weights", torch.zeros(0, k))

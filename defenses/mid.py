@@ -83,6 +83,7 @@ class MID(Defense):
     def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """μ and std of the bottleneck for a batch of features."""
         self._check_bound(z)
+        assert self.encoder is not None  # _check_bound raised otherwise
         mu, rho = F.relu(self.encoder(z.reshape(len(z), -1))).chunk(2, dim=1)
         return mu, F.softplus(rho - self.std_shift)
 
@@ -101,6 +102,7 @@ class MID(Defense):
         else:
             self._last_kl = None
         code = mu + std * torch.randn_like(std) if self.training or self.sample_eval else mu
+        assert self.decoder is not None  # bound with the encoder, which encode() checked
         return self.decoder(code).reshape(z.shape)
 
     def loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,8 @@ over the batch, which is exact whenever the batch holds a black and a white pixe
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -60,7 +62,7 @@ class SimulatedAttacker(Defense):
             raise ValueError(f"decoder needs width in 1..256 and blocks in 0..16, got {width}, {blocks}")
         self.width, self.blocks = width, blocks
         self.decoder: nn.Module | None = None
-        self.shapes: tuple[tuple[int, ...], tuple[int, int, int]] | None = None
+        self.shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
     def bind(self, spec: SplitSpec) -> None:
@@ -119,5 +121,6 @@ def batch_ssim(recon01: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
     # that import the defenses never compute an SSIM.
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return structural_similarity_index_measure(recon01, x01, gaussian_kernel=True, sigma=1.5,
-                                               kernel_size=11, data_range=1.0)
+    # torchmetrics types its SSIM Tensor | (Tensor, Tensor); without return_full_image it is a Tensor
+    return cast(torch.Tensor, structural_similarity_index_measure(recon01, x01, gaussian_kernel=True, sigma=1.5,
+                                                                  kernel_size=11, data_range=1.0))

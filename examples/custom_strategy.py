@@ -16,7 +16,7 @@ that were clipped each round is reported as the ``clipped-fraction`` train metri
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -83,7 +83,7 @@ class NormClippedFedAvg(FedAvg):
         contents = [msg.content for msg in valid_replies]
         client_arrays = [next(iter(c.array_records.values())) for c in contents]
         weights = [
-            float(next(iter(c.metric_records.values()))[self.weighted_by_key])
+            float(cast(float, next(iter(c.metric_records.values()))[self.weighted_by_key]))
             for c in contents
         ]
         arrays, clipped = clip_and_average(self._global, client_arrays, weights, self.max_norm)

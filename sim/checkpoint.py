@@ -148,7 +148,8 @@ class RoundShards:
         self.directory.mkdir(parents=True, exist_ok=True)
         arrays = {f"{key}/{name}": a for key, named in self._pending.items() for name, a in named.items()}
         self._close(round_)
-        size = atomic_write(self._path(round_), lambda f: np.savez(f, **arrays))
+        # ignore: mypy checks **arrays against savez's allow_pickle: bool too (no key here is that name)
+        size = atomic_write(self._path(round_), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
         self.index.update(dict.fromkeys(self._pending, round_))
         self._pending.clear()
         return size

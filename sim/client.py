@@ -55,7 +55,7 @@ def get_runtime(cloud_name: str, namespace: str) -> Runtime:
     key = (cloud_name, namespace)
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one run per process at a time: drop an earlier run's data
-        cloud = ray.get_actor(cloud_name, namespace=namespace)
+        cloud: Any = ray.get_actor(cloud_name, namespace=namespace)  # Ray types an untyped handle's methods Never
         _RUNTIMES[key] = runtime_from_setup(ray.get(cloud.setup.remote()), cloud)
     return _RUNTIMES[key]
 
@@ -442,6 +442,7 @@ def _ushaped_exchange(tail: TailLink, last_layer: torch.nn.Module, defense: Defe
     logits = last_layer(h)
     loss = F.cross_entropy(logits, y)
     (loss + defense.output_loss(h, y)).backward()
+    assert h.grad is not None  # h is a leaf that requires grad, and backward() just ran
     grad_h = defense.protect_gradient(h.grad).cpu().numpy()
     grad = tail.backward(grad_h, last)
     return grad, float(loss.detach()), int((logits.argmax(1) == y).sum())

@@ -11,6 +11,8 @@ process-wide :class:`sim.client.Runtime`.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch  # noqa: F401  (ArrayRecord's torch conversions need torch imported; Flower 1.42)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -36,7 +38,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     arrays = next(v for k, v in msg.content.array_records.items() if k != CLIENT_STATE)
-    config = next(iter(msg.content.config_records.values()))
+    config: Mapping[str, Any] = next(iter(msg.content.config_records.values()))  # the server's _configure
     torch.set_num_threads(1)  # one torch thread per actor: more collapse on busy cores (docs/flower-ray.md)
     rt = get_runtime(str(config["cloud"]), str(config["namespace"]))
     pid = int(context.node_config["partition-id"])
@@ -56,7 +58,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics["bytes-sent"] += record_bytes(reply_arrays)
     metrics["bytes-received"] += record_bytes(arrays)
     metrics["seconds"] = time.perf_counter() - t0
-    content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
+    # {**metrics}: a dict of Flower's value types (its annotation is an invariant dict)
+    content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord({**metrics})})
     if client_state:
         content[CLIENT_STATE] = to_record(client_state)
     return Message(content, reply_to=msg)

@@ -29,7 +29,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -92,6 +92,7 @@ class CloudSession:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        assert zt.grad is not None  # zt is a leaf that requires grad, and backward() just ran
         grad = zt.grad.cpu().numpy()
         self.bytes_sent += wire_bytes(grad)
         return grad, float(loss.detach()), int((out.argmax(1) == yt).sum())
@@ -99,6 +100,7 @@ class CloudSession:
     def _hijacked_batch(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
         """FSHA's gradient for the client; the loss and hits it reports are the untrained
         tail's, so the client sees its task fail (FSHA's tell-tale sign)."""
+        assert self.hijacker is not None  # train_batch calls this only with a hijacker
         grad = self.hijacker.hijack(z)
         self.bytes_sent += wire_bytes(grad)
         with torch.no_grad():
@@ -133,6 +135,7 @@ class CloudSession:
         self.optimizer.zero_grad(set_to_none=True)
         h.backward(torch.from_numpy(grad_h).to(self.device))
         self.optimizer.step()
+        assert zt.grad is not None  # zt is a leaf that requires grad, and backward() just ran
         grad = zt.grad.cpu().numpy()
         self.bytes_sent += wire_bytes(grad)
         return grad
@@ -159,7 +162,8 @@ class CloudSession:
 def average_states(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """Weighted mean of float states, summed in the given order (callers sort for determinism)."""
     total = float(sum(weights))
-    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)).astype(np.float32)
+    # cast: sum() types an empty sum as 0, and states is not empty
+    return {k: cast(np.ndarray, sum(s[k] * (w / total) for s, w in zip(states, weights))).astype(np.float32)
             for k in states[0]}
 
 
@@ -236,7 +240,8 @@ class CloudActor:
         done = [p for p in sorted(completed) if p in self.pending and self.pending[p].state is not None]
         for cut in sorted({self.pending[p].cut for p in done}):
             members = [self.pending[p] for p in done if self.pending[p].cut == cut]
-            avg = average_states([m.state for m in members], [m.num_examples for m in members])
+            states = cast(list[dict[str, np.ndarray]], [m.state for m in members])  # done: those with a state
+            avg = average_states(states, [m.num_examples for m in members])
             load_numpy_state(self.tails[cut], avg)
         for p in sorted(self.pending):
             view = self.pending[p].view

@@ -418,13 +418,13 @@ def validate(cfg: SimConfig) -> None:
         _check(n >= 1, f"groups[{i}].share",
                f"gives no client out of {cfg.clients}; raise the share or the number of clients")
     names: dict[str, int] = {}
-    for i, g in enumerate(cfg.resolved_groups()):
-        _check(g.epochs >= 1, f"groups[{i}].epochs", "must be at least 1")
-        _check(g.batch_size >= 1, f"groups[{i}].batch_size", "must be at least 1")
+    for i, group in enumerate(cfg.resolved_groups()):
+        _check(group.epochs >= 1, f"groups[{i}].epochs", "must be at least 1")
+        _check(group.batch_size >= 1, f"groups[{i}].batch_size", "must be at least 1")
         # Results, heads and metrics are keyed by group name: two groups must not share one.
-        _check(g.name not in names, f"groups[{i}].name",
-               f"'{g.name}' is also the name of groups[{names.get(g.name)}]; names must be unique")
-        names[g.name] = i
+        _check(group.name not in names, f"groups[{i}].name",
+               f"'{group.name}' is also the name of groups[{names.get(group.name)}]; names must be unique")
+        names[group.name] = i
 
 
 def check_external(cfg: SimConfig) -> None:

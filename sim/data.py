@@ -153,12 +153,12 @@ def _build(where: str, name: str, train_x: np.ndarray, train_y: np.ndarray,
     if train_x.shape[1:] != test_x.shape[1:]:  # one model must take both splits
         raise DataError(f"{where}: train images are {'x'.join(map(str, train_x.shape[1:]))} (HxWxC) "
                         f"but test images {'x'.join(map(str, test_x.shape[1:]))}")
-    arrays = [np.ascontiguousarray(train_x, np.uint8), np.ascontiguousarray(train_y, np.int64),
-              np.ascontiguousarray(test_x, np.uint8), np.ascontiguousarray(test_y, np.int64)]
-    for array in arrays:
+    train_x, train_y = np.ascontiguousarray(train_x, np.uint8), np.ascontiguousarray(train_y, np.int64)
+    test_x, test_y = np.ascontiguousarray(test_x, np.uint8), np.ascontiguousarray(test_y, np.int64)
+    for array in (train_x, train_y, test_x, test_y):
         array.flags.writeable = False
-    mean, std = _channel_stats(arrays[0])
-    return ImageData(name, *arrays, num_classes=num_classes, mean=mean, std=std)
+    mean, std = _channel_stats(train_x)
+    return ImageData(name, train_x, train_y, test_x, test_y, num_classes=num_classes, mean=mean, std=std)
 
 
 def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -12,6 +12,7 @@ still see (and can sharpen) the full-resolution map.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ class ResBlock(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
-def upsample_plan(feature_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, bool]:
+def upsample_plan(feature_hw: Sequence[int], image_hw: Sequence[int]) -> tuple[int, bool]:
     """(number of exact 2x upsamplers, whether a final resize is needed) for these sizes."""
     (fh, fw), (ih, iw) = feature_hw, image_hw
     if fh > ih or fw > iw:
@@ -47,7 +48,7 @@ def upsample_plan(feature_hw: tuple[int, int], image_hw: tuple[int, int]) -> tup
 class Decoder(nn.Module):
     """z (C_z, h, w) -> image (C, H, W) in [0, 1]."""
 
-    def __init__(self, feature_shape: tuple[int, int, int], image_shape: tuple[int, int, int],
+    def __init__(self, feature_shape: Sequence[int], image_shape: Sequence[int],
                  width: int = 64, blocks: int = 8) -> None:
         super().__init__()
         doublings, self.resize = upsample_plan(tuple(feature_shape[1:]), tuple(image_shape[1:]))
@@ -67,7 +68,7 @@ class Decoder(nn.Module):
         return self.out(h)
 
 
-def build_decoder(feature_shape: tuple[int, int, int], image_shape: tuple[int, int, int],
+def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
                   width: int = 64, blocks: int = 8) -> Decoder:
     """CEM's ``res_normN8C64`` by default (``blocks`` residual blocks of ``width`` channels)."""
     if width < 1 or blocks < 0:

@@ -243,7 +243,7 @@ def _locked_down(cfg: SimConfig) -> Iterator[None]:
         yield
         return
     from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # not in Ray's _raylet.pyi
 
     saved = {name: os.environ.get(name) for name in _LOCAL_RAY_ENV}
     saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
@@ -274,8 +274,8 @@ def _start_ray(cfg: SimConfig, namespace: str) -> None:
 
     # The user's plug-in modules (sim.plugins) travel with the job to every worker on every node.
     modules = ray_modules()
-    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR,
-                  runtime_env={"py_modules": modules} if modules else None)
+    common: dict[str, Any] = dict(namespace=namespace, log_to_driver=False, logging_level=logging.ERROR,
+                                  runtime_env={"py_modules": modules} if modules else None)
     if cfg.ray_address:
         try:
             ray.init(address=cfg.ray_address, **common)
@@ -398,7 +398,9 @@ def make_plan(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
     # The plan keeps the handle: a named actor dies when its creator drops the last handle.
     # On this node: the cloud writes the view's shards into the run directory, which lives here.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    cloud = CloudActor.options(name=cloud_name, namespace=namespace, scheduling_strategy=here).remote(
+    # @ray.remote made CloudActor an ActorClass, but mypy keeps a decorated class's own type
+    cloud = CloudActor.options(  # type: ignore[attr-defined]
+        name=cloud_name, namespace=namespace, scheduling_strategy=here).remote(
         setup, tails, str(run_dir / checkpoint.SHARDS / "view"))
     plan = ServerPlan(
         config=cfg, run_dir=run_dir, cloud=cloud, cloud_name=cloud_name, namespace=namespace,
@@ -435,7 +437,8 @@ def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
         try:
             run_simulation(
                 server_app=make_server_app(plan), client_app=client_app, num_supernodes=cfg.clients,
-                backend_config={"client_resources": client_resources(cfg) | {"max_restarts": ACTOR_RESTARTS}},
+                # {**...}: a dict of Flower's value types (its annotation is an invariant dict)
+                backend_config={"client_resources": {**client_resources(cfg), "max_restarts": ACTOR_RESTARTS}},
             )
         except Exception as exc:  # the ServerApp's own failure, re-raised by Flower
             plan.outcome.setdefault("error", exc)
@@ -501,7 +504,9 @@ def attack_stage(run_dir: Path, prep: Prepared, console: Any) -> None:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]["round"]
     dirs = {int(d.name[1:]): d for d in sorted((run_dir / "rounds").glob("r*"))} | {final: run_dir}
-    rows, examples, seconds, curves = [], {}, {}, {}
+    rows, examples = [], {}
+    seconds: dict[str, float] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
     for round_, directory in sorted(dirs.items()):
         result = run_stage(load_snapshot(directory, round_), cfg.resolved_groups(), prep.specs, prep.data,
                            prep.aux_idx, parse_attacks(cfg.attacks), cfg.attacker_knowledge,

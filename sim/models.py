@@ -15,8 +15,10 @@ the gradients dL/dh the client returns still reveal the labels (:mod:`attacks.gr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -136,7 +138,7 @@ def build_last(spec: SplitSpec) -> nn.Linear:
     return nn.Linear(spec.hidden_width, spec.num_classes)
 
 
-def state_to_numpy(module: nn.Module) -> dict[str, object]:
+def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
     """The floating-point state of a module as numpy arrays (for Flower records and averaging).
 
     Integer buffers (BatchNorm's ``num_batches_tracked``) are left out: they cannot be averaged
@@ -149,7 +151,7 @@ def state_to_numpy(module: nn.Module) -> dict[str, object]:
     }
 
 
-def load_numpy_state(module: nn.Module, state: dict[str, object]) -> None:
+def load_numpy_state(module: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     """Load a state produced by :func:`state_to_numpy`; every float entry must be present."""
     tensors = {k: torch.tensor(v) for k, v in state.items()}  # copies: inputs may be read-only
     missing, unexpected = module.load_state_dict(tensors, strict=False)

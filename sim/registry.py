@@ -94,7 +94,7 @@ class Registry(Generic[T]):
         return value
 
     @staticmethod
-    def describe(cls: type) -> str:
+    def describe(cls: type[Any]) -> str:
         """``name(param=default, ...)`` as shown in error messages and ``--help``."""
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
         inner = ", ".join(f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name

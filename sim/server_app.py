@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from defenses.client_model import build_client_last, build_client_model
@@ -111,7 +111,7 @@ def await_client_actors(r: int, timeout: float = ACTOR_RECOVERY_S) -> None:
 def lost(reply: Message) -> bool:
     """A reply that stands for none: a client that vanished (``--client-failure-rate``)
     reports so only to let its actor go on at once; the server must not hear of it."""
-    return reply.has_error() and VANISHED in reply.error.reason
+    return reply.has_error() and VANISHED in (reply.error.reason or "")
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float | None,
@@ -136,6 +136,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None,
             replies.append(reply)
             on_reply(reply)
         if pending and not waiting:  # only vanished clients left: nothing comes before the deadline
+            assert deadline is not None  # clients vanish only with --client-failure-rate, which needs a timeout
             time.sleep(max(0.0, deadline - time.monotonic()))
         elif pending:
             time.sleep(PULL_INTERVAL)
@@ -181,9 +182,10 @@ def run_waves(grid: Grid, cloud: Any, r: int, waves: list[tuple[list[Message], l
         now = time.monotonic()
         current = next((k for k in range(pushed) if left[k]), None)
         if current is not None and timeout is not None:
-            if deadline[current] is None:
+            due = deadline[current]
+            if due is None:
                 deadline[current] = now + timeout
-            elif now > deadline[current]:  # give up on the wave's missing clients
+            elif now > due:  # give up on the wave's missing clients
                 for mid in [m for m, k in pending.items() if k == current]:
                     del pending[mid]
                 left[current] = 0
@@ -218,7 +220,8 @@ def _map_partitions(grid: Grid, n: int) -> dict[int, int]:
     for reply in replies:
         if reply.has_error():
             raise RunFailure(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-        mapping[int(reply.content["info"]["partition-id"])] = reply.metadata.src_node_id
+        info: Mapping[str, Any] = reply.content["info"]  # the ConfigRecord of client_app.query
+        mapping[int(info["partition-id"])] = reply.metadata.src_node_id
     if sorted(mapping) != list(range(n)):
         raise RunFailure(f"expected partition ids 0..{n - 1}, got {len(mapping)} distinct ones")
     return mapping
@@ -339,7 +342,8 @@ class Federation:
             grid = GroupGrid(self.grid, [self.node_of[p] for p in self.members[g]])
             config = ConfigRecord({"round": r, "cloud": self.plan.cloud_name,
                                    "namespace": self.plan.namespace})
-            messages += list(strategy.configure_train(r, self.heads[g], config, grid))
+            # a GroupGrid stands in for the Grid: it delegates all but get_node_ids to it
+            messages += list(strategy.configure_train(r, self.heads[g], config, cast(Grid, grid)))
         for m in messages:
             own = self.client_states.get(str(self.pid_of[m.metadata.dst_node_id]))
             if own:
@@ -389,7 +393,7 @@ class Federation:
         for p in ok:  # the client's own state comes back with a successful reply only
             own = by_pid[p].content.pop(CLIENT_STATE, None)
             if own is not None:
-                self.client_states.put(str(p), from_record(own))
+                self.client_states.put(str(p), from_record(cast(ArrayRecord, own)))  # client_app.train's
         clients, strategy_metrics = [], {}
         self.start_heads = list(self.heads)
         for g, strategy in enumerate(self.strategies):
@@ -447,13 +451,13 @@ class Federation:
 
 def _reason(reply: Message) -> str:
     """The one informative line of a failed client's error (Flower wraps it in a traceback)."""
-    lines = [ln.strip() for ln in reply.error.reason.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in (reply.error.reason or "").splitlines() if ln.strip()]
     marked = [ln.split("Message:", 1)[1].strip().rstrip("'>") for ln in lines if "Message:" in ln]
     return (marked[-1] if marked else lines[-1] if lines else "unknown error")[:300]
 
 
 def _client_record(reply: Message, group_name: str) -> dict[str, Any]:
-    m = reply.content["metrics"]
+    m: Mapping[str, Any] = reply.content["metrics"]  # the MetricRecord of client_app.train
     return {
         "partition_id": int(m["partition-id"]),
         "group": group_name,

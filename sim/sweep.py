@@ -62,7 +62,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -162,7 +162,9 @@ def _point(path: str, family: str | None, own: list[str], settings: dict[str, An
         cfg = config_from_dict(raw)
         validate(cfg)
     except ConfigError as exc:
-        source = sources.get(re.match(r"[a-z_]*", exc.where).group(0), "config")
+        field_name = re.match(r"[a-z_]*", exc.where)
+        assert field_name is not None  # the pattern matches every string, if only with ""
+        source = sources.get(field_name.group(0), "config")
         raise SweepError(f"{path}: {source}.{exc.where}: {exc.message} (point {_label(values)})") from None
     config = {k: v for k, v in cfg.to_dict().items() if k != "out"}
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
@@ -216,7 +218,7 @@ def load_sweep(path: str) -> tuple[str, list[Point], str]:
     fams = fams or {None: ({}, {})}
     reference = data.get("reference", next(iter(fams)) or "")
     if families and reference not in fams:
-        raise SweepError(f"{path}: reference: '{reference}' is not a family; families: {', '.join(fams)}")
+        raise SweepError(f"{path}: reference: '{reference}' is not a family; families: {', '.join(map(str, fams))}")
 
     for key in [*base, *(k for k in grid if k == "out")]:
         if key not in FIELDS or key == "out":
@@ -376,11 +378,12 @@ class Sweep:
             args += ["--ray-address", self.ray_address] if self.ray_address else []
             how = "started"
         env = dict(os.environ)
-        if self.slots[slot]:
-            env |= dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(len(self.slots[slot])))
+        cpus = self.slots[slot]
+        if cpus:
+            env |= dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(len(cpus)))
         with (point_dir / "log.txt").open("a") as log:
             proc = subprocess.Popen([sys.executable, "-m", "sim.run", *args], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=_pin(self.slots[slot]))
+                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=_pin(cpus))
         self.running.append(Running(point, proc, slot, time.monotonic()))
         self.state[point.id] = {"status": "running", "label": _label(point.values)}
         self.save()
@@ -393,6 +396,7 @@ class Sweep:
         entry = {"status": "done" if rc == 0 else "failed", "label": _label(job.point.values),
                  "run_dir": str(run_dir.relative_to(self.dir)) if run_dir else None, "seconds": seconds}
         if rc == 0:
+            assert run_dir is not None  # a run that succeeded made its run directory
             self.durations.append(seconds)
             summary = json.loads((run_dir / "summary.json").read_text())
             text = f"done in {seconds:.0f} s, accuracy {summary['final_accuracy']:.3f}"
@@ -505,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + sweep.signal
     from sim.sweep_report import write_report
 
-    runs = {p.id: sweep.run_dir(p) for p in points if sweep.done(p)}
+    runs = cast(dict[str, Path], {p.id: sweep.run_dir(p) for p in points if sweep.done(p)})  # done: has a run dir
     errors = {p.id: sweep.state[p.id]["error"] for p in points if sweep.status(p) == "failed"}
     report = write_report(sweep_dir, points, runs, errors, reference)
     for pid, text in errors.items():

@@ -149,7 +149,7 @@ class FeatureStore:
         key = _key(partition_id, failed)
         if key not in self.meta:
             return None
-        meta = dict(zip(VIEW_META, self.meta[key]))
+        meta: dict[str, Any] = dict(zip(VIEW_META, self.meta[key]))
         del meta["rows"]
         arrays = self.shards.get(key) or {}
         return ClientView(**meta | {"failed": bool(meta["failed"])}, sample_ids=arrays["sample_ids"],
@@ -188,6 +188,11 @@ class FeatureStore:
         meta = {k: dict(zip(VIEW_META, self.meta[k])) for k in keys}
         cuts = sorted({m["cut"] for m in meta.values()})
 
+        def arrays_of(key: str) -> dict[str, np.ndarray]:
+            arrays = self.shards.get(key)
+            assert arrays is not None, key  # put() stored arrays under every key of the index
+            return arrays
+
         def write(f: Any) -> None:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
                 _write_npy(zf, "cuts", [np.asarray(cuts, np.int64)], len(cuts))
@@ -200,13 +205,13 @@ class FeatureStore:
                         _write_npy(zf, f"{name}_c{cut}", [values.astype(bool if name == "failed" else np.int64)],
                                    sum(rows))
                     for name in ("sample_ids", "features"):
-                        _write_npy(zf, f"{name}_c{cut}", (self.shards.get(k)[name] for k in members), sum(rows))
-                    known = next((g for k in members if (g := self.shards.get(k).get("grads")) is not None), None)
+                        _write_npy(zf, f"{name}_c{cut}", (arrays_of(k)[name] for k in members), sum(rows))
+                    known = next((g for k in members if (g := arrays_of(k).get("grads")) is not None), None)
                     if known is not None:
                         _write_npy(zf, f"grads_c{cut}", (
                             arrays["grads"] if "grads" in arrays
                             else np.full((len(arrays["sample_ids"]), *known.shape[1:]), np.nan, known.dtype)
-                            for arrays in (self.shards.get(k) for k in members)), sum(rows))
+                            for arrays in (arrays_of(k) for k in members)), sum(rows))
 
         atomic_write(Path(path), write)
 
