@@ -27,6 +27,7 @@ import yaml
 
 from sim.data import DATASETS, PARTITIONS
 from sim.models import ARCHS, SPLITS
+from sim.spec import fits
 
 PROTOCOLS = ("sflv1", "sflv2")
 ADVERSARIES = ("passive", "active", "hijack")
@@ -262,15 +263,15 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             return None
         raise ConfigError(where, "must not be empty")
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if base is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
         number = repr(float(value)) if "e" not in repr(float(value)) else f"{float(value):e}"
         raise ConfigError(where, f"must be float, got the string {value!r} (YAML 1.1 reads a "
                                  f"number in e-notation as text unless it has a dot and a signed "
                                  f"exponent: write {number})")
-    if base in (int, float, str, bool) and type(value) is not base:
-        raise ConfigError(where, f"must be {base.__name__}, got {value!r}")
+    if base in (int, float, str, bool):
+        if not fits(value, base):
+            raise ConfigError(where, f"must be {base.__name__}, got {value!r}")
+        return float(value) if base is float else value
     return value
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 from sim.plugins import import_class, is_import_path
-from sim.spec import CallSpec
+from sim.spec import CallSpec, fits
 
 T = TypeVar("T")
 
@@ -87,10 +87,10 @@ class Registry(Generic[T]):
 
     def _check(self, name: str, key: str, value: Any, expected: Any) -> Any:
         """Check a value against a plain annotation; an int is accepted for a float."""
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if expected in (float, int, bool, str) and type(value) is not expected:
-            raise self.error(f"{name}: parameter '{key}' must be {expected.__name__}, got {value!r}")
+        if expected in (float, int, bool, str):
+            if not fits(value, expected):
+                raise self.error(f"{name}: parameter '{key}' must be {expected.__name__}, got {value!r}")
+            return float(value) if expected is float else value
         return value
 
     @staticmethod

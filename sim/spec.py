@@ -20,6 +20,16 @@ class SpecError(ValueError):
     """A spec that cannot be parsed; the message is one line meant for the user."""
 
 
+def fits(value: Any, cls: type) -> bool:
+    """``isinstance`` as settings and spec parameters read it (Python's numeric tower): an int
+    counts as a float, a bool is neither an int nor a float."""
+    if isinstance(value, bool) and cls in (int, float):
+        return False
+    if cls is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, cls)
+
+
 def one_line(exc: BaseException) -> str:
     """An exception's message squeezed onto one line, as every user-facing error is."""
     return " ".join(str(exc).split()) or type(exc).__name__

@@ -28,7 +28,7 @@ import flwr.serverapp.strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
 from sim.plugins import import_class, is_import_path, is_subclass
-from sim.spec import CallSpec, SpecError, one_line, parse_call
+from sim.spec import CallSpec, SpecError, fits, one_line, parse_call
 
 
 class StrategyError(ValueError):
@@ -303,7 +303,7 @@ def _matches(value: Any, hint: Any) -> bool | None:
             if value is None:
                 return True
         elif typing.get_origin(option) is None and inspect.isclass(option):
-            if _is_instance(value, option):
+            if fits(value, option):
                 return True
         else:
             undecided = True
@@ -312,15 +312,6 @@ def _matches(value: Any, hint: Any) -> bool | None:
 
 def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _is_instance(value: Any, cls: type) -> bool:
-    """``isinstance`` with Python's numeric tower: an int is a float, a bool is neither."""
-    if isinstance(value, bool) and cls in (int, float):
-        return False
-    if cls is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, cls)
 
 
 def _describe(hint: Any) -> str:
