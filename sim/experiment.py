@@ -18,7 +18,6 @@ simulation runs the ServerApp and ClientApps on it.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -591,20 +590,8 @@ class Results:
         summary = json.loads((run_dir / "summary.json").read_text())
         metrics = run_dir / "metrics.jsonl"
         rounds = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-        leakage: list[dict[str, Any]] = []
-        if (run_dir / "leakage.csv").is_file():
-            with open(run_dir / "leakage.csv", newline="") as f:
-                leakage = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        return cls(run_dir, summary, rounds, leakage)
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+        from sim import report
+        return cls(run_dir, summary, rounds, report.read_csv(run_dir / "leakage.csv"))
 
 
 class Experiment:

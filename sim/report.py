@@ -69,6 +69,24 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows :func:`write_csv` wrote (none when there is no file): a cell that reads as an int
+    or a float is that number, an empty or other cell its text."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _cell(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def group_means(rows: list[dict[str, Any]], final_round: int) -> dict[str, dict[str, dict[str, float]]]:
     """``{attack: {group: {metric: mean}}}`` over the clients attacked at the final round."""
     acc: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))

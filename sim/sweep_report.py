@@ -31,7 +31,6 @@ Files: ``sweep_report.md``, ``sweep_points.csv`` (one row per point, group and a
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import defaultdict
@@ -44,7 +43,7 @@ from scipy import stats as scistats
 
 from attacks.scoring import WORST, WORST_LABELS
 from sim import explain
-from sim.report import write_csv
+from sim.report import read_csv, write_csv
 
 # leakage metrics: which way is more leakage (+1: higher), and their names
 DIRECTION = {"ssim": +1, "mse": -1, "completion_accuracy": +1}
@@ -59,13 +58,6 @@ def _ci(values: list[float]) -> tuple[float, float]:
     if n < 2:
         return (float(values[0]) if n else float("nan")), float("nan")
     return float(np.mean(values)), float(scistats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def _file(*parts: str) -> str:
@@ -87,7 +79,7 @@ def point_rows(points: list[Any], runs: dict[str, Path]) -> list[dict[str, Any]]
         if p.id not in runs:
             continue
         summary = json.loads((runs[p.id] / "summary.json").read_text())
-        leakage = _read_csv(runs[p.id] / "leakage.csv")
+        leakage = read_csv(runs[p.id] / "leakage.csv")
         if not leakage:
             continue
         final = max(int(r["round"]) for r in leakage)
@@ -97,7 +89,7 @@ def point_rows(points: list[Any], runs: dict[str, Path]) -> list[dict[str, Any]]
         for attack in sorted(dict.fromkeys(r["attack"] for r in leakage), key=_attack_order):
             for group, accuracy in groups.items():
                 mine = [r for r in leakage if r["attack"] == attack and int(r["round"]) == final
-                        and group in (ALL, r["group"])]
+                        and group in (ALL, str(r["group"]))]
                 row = {"point": p.id, "family": p.family, "curve": p.curve, "strength": p.strength,
                        "seed": p.seed, "group": group, "attack": attack, "accuracy": accuracy, "clients": len(mine)}
                 for metric in DIRECTION:
@@ -273,7 +265,7 @@ def client_correlations(points: list[Any], runs: dict[str, Path]) -> list[dict[s
     for p in points:
         if p.id not in runs:
             continue
-        rows = _read_csv(runs[p.id] / "leakage.csv")
+        rows = read_csv(runs[p.id] / "leakage.csv")
         if not rows:
             continue
         records = [json.loads(line) for line in (runs[p.id] / "metrics.jsonl").read_text().splitlines()]
