@@ -20,13 +20,19 @@ accuracy. Leakage is SSIM and MSE for inversion attacks, label accuracy for labe
 - **Equal strength**: where a curve has a strength the reference also has (noise+CEM and noise
   at the same sigma), the accuracy difference and the relative change of each leakage metric,
   paired by seed (CEM's claim is a higher attacker MSE at equal sigma, at no accuracy cost).
+- **Point against point**, where the curves share no accuracy range (InfoScissors 0.83-0.84
+  against noise 0.77-0.82): each strength of each curve against each strength of the reference,
+  paired by seed, the accuracy and leakage differences with 95 % intervals. Less leakage (the
+  interval excluding 0) at no lower mean accuracy puts the point beyond the reference's frontier;
+  more leakage at no higher accuracy puts it inside; the rest are trade-offs.
 - **Per-client leakage explained** (:mod:`sim.explain`): per point, the Spearman rank
   correlation of each client's worst-case leakage with its statistics; over the points, their
   mean, range and how many are significant, with a figure.
 
 Files: ``sweep_report.md``, ``sweep_points.csv`` (one row per point, group and attack),
 ``sweep_summary.csv`` (per curve and strength: means and standard deviations over seeds),
-``sweep_matched.csv``, ``sweep_equal_strength.csv``, ``sweep_clients.csv`` and the PNGs.
+``sweep_matched.csv``, ``sweep_equal_strength.csv``, ``sweep_dominance.csv``, ``sweep_clients.csv``
+and the PNGs.
 """
 
 from __future__ import annotations
@@ -204,6 +210,41 @@ def equal_strength(rows: list[dict[str, Any]], group: str, attack: str, referenc
     return out
 
 
+def dominance(rows: list[dict[str, Any]], group: str, attack: str, reference: str,
+              metric: str) -> list[dict[str, Any]]:
+    """Each strength of each curve against each strength of the reference, paired by seed: the
+    accuracy and leakage differences (mean, t-based 95 % half-width) and a verdict."""
+    by = {(r["curve"], r["strength"], r["seed"]): r for r in rows
+          if r["group"] == group and r["attack"] == attack and metric in r}
+    points = list(dict.fromkeys((c, s) for c, s, _ in by))
+    out = []
+    for curve, strength in points:
+        for ref_strength in (s for c, s in points if c == reference and curve != reference):
+            seeds = [seed for c, s, seed in by if (c, s) == (curve, strength) and (reference, ref_strength, seed) in by]
+            if not seeds:
+                continue
+            pairs = [(by[(curve, strength, seed)], by[(reference, ref_strength, seed)]) for seed in seeds]
+            dacc, acc_half = _ci([a["accuracy"] - b["accuracy"] for a, b in pairs])
+            dleak, leak_half = _ci([a[metric] - b[metric] for a, b in pairs])
+            out.append({"curve": curve, "strength": strength, "against": ref_strength, "seeds": len(seeds),
+                        "accuracy_delta": dacc, "accuracy_ci": acc_half, "delta": dleak, "delta_ci": leak_half,
+                        "verdict": _beyond(dacc, dleak, leak_half, len(seeds), metric)})
+    return out
+
+
+def _beyond(dacc: float, delta: float, half: float, n: int, metric: str) -> str:
+    if n < 2:
+        return "one seed: no interval"
+    more = DIRECTION[metric] * np.array([delta - half, delta + half])
+    if more.max() < 0:
+        return ("less leakage, accuracy not lower: beyond the frontier" if dacc >= 0
+                else "less leakage, lower accuracy: a trade-off")
+    if more.min() > 0:
+        return ("more leakage, accuracy not higher: inside the frontier" if dacc <= 0
+                else "more leakage, higher accuracy: a trade-off")
+    return "no leakage difference at 95 %"
+
+
 # ----------------------------------------------------------------------------- the figures
 
 
@@ -332,6 +373,7 @@ def write_report(sweep_dir: Path, points: list[Any], runs: dict[str, Path], erro
     glance: list[str] = []
     matched_rows: list[dict[str, Any]] = []
     equal_rows: list[dict[str, Any]] = []
+    dominance_rows: list[dict[str, Any]] = []
     body: list[str] = []
     groups = list(dict.fromkeys(r["group"] for r in rows))
     for group in groups:
@@ -373,6 +415,24 @@ def write_report(sweep_dir: Path, points: list[Any], runs: dict[str, Path], erro
                 matched_rows += [{"group": group, "attack": attack, "metric": metric, **t} for t in table]
                 if not table:
                     body += [f"{NAMES[metric]} at matched accuracy: no accuracy range that the curves share.", ""]
+                    pairs = dominance(rows, group, attack, base, metric)
+                    dominance_rows += [{"group": group, "attack": attack, "metric": metric, **t} for t in pairs]
+                    if pairs:
+                        d = _digits(metric)
+                        body += [f"{NAMES[metric]}, point against point (Δ: minus {base} at the strength "
+                                 "named, paired by seed; mean ± 95 % interval):", "",
+                                 f"| curve | strength | against {base} | seeds | Δ accuracy | Δ {NAMES[metric]} "
+                                 "| verdict |", "|---|---|---|---|---|---|---|"]
+                        body += [f"| {t['curve']} | {t['strength']} | {t['against']} | {t['seeds']} | "
+                                 f"{_fmt(t['accuracy_delta'], t['accuracy_ci'])} | "
+                                 f"{_fmt(t['delta'], t['delta_ci'], d)} | {t['verdict']} |" for t in pairs]
+                        body.append("")
+                    if attack in (WORST, WORST_LABELS) and metric != "mse":
+                        glance += [f"- {attack} {NAMES[metric]}" + ("" if group == ALL else f", group {group}")
+                                   + f": **{t['curve']} {t['strength']}** vs {base} {t['against']}: Δ accuracy "
+                                   f"{_fmt(t['accuracy_delta'], t['accuracy_ci'])}, Δ {NAMES[metric]} "
+                                   f"{_fmt(t['delta'], t['delta_ci'], d)}: {t['verdict']}"
+                                   for t in pairs if "frontier" in t["verdict"]]
                     continue
                 body += [f"{NAMES[metric]} at matched accuracy (interpolated between strengths, mean ± 95 % "
                          f"interval over seeds; Δ: minus {base}, paired by seed):", "",
@@ -391,8 +451,10 @@ def write_report(sweep_dir: Path, points: list[Any], runs: dict[str, Path], erro
                                f"{_fmt(t['delta'], t['delta_ci'], d)}: {t['verdict']}" for t in middle]
     write_csv(matched_rows, sweep_dir / "sweep_matched.csv")
     write_csv(equal_rows, sweep_dir / "sweep_equal_strength.csv")
+    write_csv(dominance_rows, sweep_dir / "sweep_dominance.csv")
     if glance:
-        lines += ["## At a glance", "", "At the middle matched accuracy level (each client's worst case):", "",
+        lines += ["## At a glance", "", "At the middle matched accuracy level, or point against point where the "
+                  "curves share no accuracy range (each client's worst case):", "",
                   *glance, ""]
     lines += body
     entries = client_correlations(points, runs)

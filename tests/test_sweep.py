@@ -23,6 +23,7 @@ from PIL import Image
 
 from sim import explain, sweep_report
 from sim.sweep import load_sweep, main, select_families
+from sim.sweep_report import ALL
 from tests.simhelpers import run_sim, without_timings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,29 @@ def test_matched_accuracy_interpolates_and_pairs_seeds():
     mse = {r["curve"]: r for r in sweep_report.matched(data, [0.7], "noise", "mse")}
     assert mse["cem"]["verdict"].startswith("more leakage")  # a lower MSE is more leakage
     assert np.isnan(sweep_report.interpolate([(0.6, 0.3), (0.8, 0.5)], 0.85))
+
+
+def test_point_against_point_pairs_seeds_and_says_which_side_of_the_frontier():
+    """Curves that share no accuracy range: a point with less leakage at no lower accuracy lies
+    beyond the reference's frontier, one with less leakage bought with accuracy is a trade-off,
+    and differences of either sign across seeds are no difference."""
+    def row(curve, strength, seed, accuracy, ssim):
+        return {"group": ALL, "attack": "worst-case", "curve": curve, "strength": strength, "seed": seed,
+                "accuracy": accuracy, "ssim": ssim}
+
+    rows = [row("ref", "a", s, 0.80 + e, 0.60 + e) for s, e in enumerate((0, 0.01, 0.02))]
+    rows += [row("good", "x", s, 0.82 + e, 0.50 + 1.1 * e) for s, e in enumerate((0, 0.01, 0.02))]
+    rows += [row("cheap", "y", s, 0.70 + e, 0.50 + e) for s, e in enumerate((0, 0.01, 0.02))]
+    rows += [row("same", "z", s, 0.80, 0.60 + e) for s, e in enumerate((0.01, -0.01, 0.02))]
+    out = {r["curve"]: r for r in sweep_report.dominance(rows, ALL, "worst-case", "ref", "ssim")}
+    assert set(out) == {"good", "cheap", "same"} and all(r["against"] == "a" for r in out.values())
+    assert out["good"]["delta"] == pytest.approx(-0.1 + 0.001) and out["good"]["accuracy_delta"] == pytest.approx(0.02)
+    assert out["good"]["verdict"].endswith("beyond the frontier") and out["good"]["seeds"] == 3
+    assert out["cheap"]["verdict"].endswith("a trade-off")
+    assert out["same"]["verdict"].startswith("no leakage difference")
+    mse = [dict(r, mse=r["ssim"]) for r in rows]  # a lower MSE is more leakage
+    assert {r["curve"]: r for r in sweep_report.dominance(mse, ALL, "worst-case", "ref", "mse")}["good"][
+        "verdict"] == "more leakage, higher accuracy: a trade-off"
 
 
 # ------------------------------------------------------------------------- real sweeps
