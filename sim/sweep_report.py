@@ -22,9 +22,10 @@ accuracy. Leakage is SSIM and MSE for inversion attacks, label accuracy for labe
   paired by seed (CEM's claim is a higher attacker MSE at equal sigma, at no accuracy cost).
 - **Point against point**, where the curves share no accuracy range (InfoScissors 0.83-0.84
   against noise 0.77-0.82): each strength of each curve against each strength of the reference,
-  paired by seed, the accuracy and leakage differences with 95 % intervals. Less leakage (the
-  interval excluding 0) at no lower mean accuracy puts the point beyond the reference's frontier;
-  more leakage at no higher accuracy puts it inside; the rest are trade-offs.
+  paired by seed, the accuracy and leakage differences with 95 % intervals. Less leakage (its
+  interval excluding 0) where the accuracy is not lower (its interval not below 0) puts the
+  point beyond the reference's frontier; more leakage where it is not higher puts it inside;
+  less leakage for lower accuracy, or more for higher, is a trade-off.
 - **Per-client leakage explained** (:mod:`sim.explain`): per point, the Spearman rank
   correlation of each client's worst-case leakage with its statistics; over the points, their
   mean, range and how many are significant, with a figure.
@@ -228,20 +229,20 @@ def dominance(rows: list[dict[str, Any]], group: str, attack: str, reference: st
             dleak, leak_half = _ci([a[metric] - b[metric] for a, b in pairs])
             out.append({"curve": curve, "strength": strength, "against": ref_strength, "seeds": len(seeds),
                         "accuracy_delta": dacc, "accuracy_ci": acc_half, "delta": dleak, "delta_ci": leak_half,
-                        "verdict": _beyond(dacc, dleak, leak_half, len(seeds), metric)})
+                        "verdict": _beyond(dacc, acc_half, dleak, leak_half, len(seeds), metric)})
     return out
 
 
-def _beyond(dacc: float, delta: float, half: float, n: int, metric: str) -> str:
+def _beyond(dacc: float, acc_half: float, delta: float, half: float, n: int, metric: str) -> str:
     if n < 2:
         return "one seed: no interval"
     more = DIRECTION[metric] * np.array([delta - half, delta + half])
     if more.max() < 0:
-        return ("less leakage, accuracy not lower: beyond the frontier" if dacc >= 0
-                else "less leakage, lower accuracy: a trade-off")
+        return ("less leakage, lower accuracy: a trade-off" if dacc + acc_half < 0
+                else "less leakage, accuracy not lower at 95 %: beyond the frontier")
     if more.min() > 0:
-        return ("more leakage, accuracy not higher: inside the frontier" if dacc <= 0
-                else "more leakage, higher accuracy: a trade-off")
+        return ("more leakage, higher accuracy: a trade-off" if dacc - acc_half > 0
+                else "more leakage, accuracy not higher at 95 %: inside the frontier")
     return "no leakage difference at 95 %"
 
 
