@@ -17,21 +17,15 @@ Before and after, 2 CPU cores, full Fashion-MNIST, SFL-v2, 3 rounds, 50 clients:
 |---|---|---|---|---|
 | issue 14 as filed (its numbers) | | about 39 | about 47 | 1.2x |
 | 2026-12-07, quiet machine, this benchmark | 71.51 | 49.31 | 55.54 | 1.13x (whole run: 1.29x) |
-| 2026-12-07, `--client-cpus 0.5`, sim.run alone (see below) | | | 44.43 | 0.90x |
+| 2026-12-07, `--client-cpus 0.5`, sim.run alone, against the row above | | | 44.43 | (0.90x) |
+| 2026-12-07 later, `--client-cpus 0.5`, this benchmark | 67.12 | 37.09 | 52.32 | 1.41x (whole run: 1.59x) |
 
-With the default one client actor per core the 1.05x target is not reached. With two actors per
-core (`--client-cpus 0.5`, 4 actors) the simulator's steady round took 44.43 s (rounds 2-3:
-43.36 and 45.51 s; accuracy 0.874 after 3 rounds), 0.90x of the whole-machine loop above,
-measured the same day on the same quiet machine but in a separate `sim.run`, not yet in this
-benchmark's same-process comparison. Its peak memory was 4,057 MB against 3,043 MB (each actor
-costs about 0.5 GB), so it is not the default: at 10,000 clients it would likely pass the 4 GB
-bound (not measured). Waves of four change the order in which the shared tail sees the
-batches, so its numbers are not those of one actor per core. Why it helps (a model fitted to
-these times, not a profile): in SFL-v2 the clients of a wave take turns at the one shared
-tail; with one client per core, a client's next turn waits for its own head's backward and
-forward (about as long as the tail's ~20 ms) plus two Ray round trips, so the cloud idles
-between turns; with two clients per core another client's batch is queued at the cloud while
-one computes its head. Earlier measurements against the 1-thread loop alone (before
+The 1.05x target is not reached. Two client actors per core (`--client-cpus 0.5`, 4 actors)
+looked faster in a separate run (44.43 s/round against the morning's loop), but in this
+benchmark's same-process comparison it was 1.41x: the loop on 2 threads ran 37.09 s/round there
+against 49.31 s in the morning run, so runs on this machine differ by up to a quarter and only
+same-process ratios count. Four actors also cost about 1 GB more (peak 4,173 MB).
+Earlier measurements against the 1-thread loop alone (before
 the baseline got the whole machine) read 0.75x-0.91x: a loop on one thread is not an honest
 baseline on a 2-core machine. Where the simulator's time goes at 50 clients (2 client actors,
 25 waves a round of one client per actor, profiled before the SFL-v2 waves were pipelined):
