@@ -180,15 +180,18 @@ def matched(data: dict[str, dict[int, list]], at: list[float], reference: str, m
     return out
 
 
+def _side(delta: float, half: float, metric: str) -> int:
+    """-1 for less leakage, +1 for more, 0 when the 95 % interval ``delta ± half`` holds 0."""
+    more = DIRECTION[metric] * np.array([delta - half, delta + half])
+    return -1 if more.max() < 0 else 1 if more.min() > 0 else 0
+
+
 def _verdict(delta: float, half: float, n: int, metric: str) -> str:
     if n < 2:
         return "one seed: no interval"
-    more = DIRECTION[metric] * np.array([delta - half, delta + half])
-    if more.max() < 0:
-        return "less leakage at equal accuracy: moves the frontier"
-    if more.min() > 0:
-        return "more leakage at equal accuracy: a worse frontier"
-    return "no difference at 95 %: moves along the frontier"
+    return {-1: "less leakage at equal accuracy: moves the frontier",
+            1: "more leakage at equal accuracy: a worse frontier",
+            0: "no difference at 95 %: moves along the frontier"}[_side(delta, half, metric)]
 
 
 def equal_strength(rows: list[dict[str, Any]], group: str, attack: str, reference: str) -> list[dict[str, Any]]:
@@ -236,11 +239,11 @@ def dominance(rows: list[dict[str, Any]], group: str, attack: str, reference: st
 def _beyond(dacc: float, acc_half: float, delta: float, half: float, n: int, metric: str) -> str:
     if n < 2:
         return "one seed: no interval"
-    more = DIRECTION[metric] * np.array([delta - half, delta + half])
-    if more.max() < 0:
+    side = _side(delta, half, metric)
+    if side < 0:
         return ("less leakage, lower accuracy: a trade-off" if dacc + acc_half < 0
                 else "less leakage, accuracy not lower at 95 %: beyond the frontier")
-    if more.min() > 0:
+    if side > 0:
         return ("more leakage, higher accuracy: a trade-off" if dacc - acc_half > 0
                 else "more leakage, accuracy not higher at 95 %: inside the frontier")
     return "no leakage difference at 95 %"
