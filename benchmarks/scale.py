@@ -22,6 +22,16 @@ per-round shards on disk and checkpoints became incremental (commit 0618a96):
 | 1,000 | after | 1.1 | 0.05 | 5.35 | 30.3 | 2,899 |
 | 10,000 | before | 25.7 | (whole view rewritten) | not recorded | 238 | 3,065 |
 | 10,000 | after | 13.9 | 0.11 | 5.38 | 216.5 | 3,013 |
+| 1,000 | 2026-12-07, 2 rounds | 8.4 | 0.08 | 12.74 | 53.8 | 2,897 |
+| 1,000 | 2026-12-07, 3 rounds | 8.5 | 0.10 | 12.75 | 67.8 | 2,937 |
+| 10,000 | 2026-12-07, 3 rounds | 19.2 | 0.16 | 5.38 | 345.6 | 2,969 |
+
+The 2026-12-07 rows are this benchmark rerun on the code of that day (the peak-memory sampler
+now keeps to 2 % of a core, so it samples less often when a sample is costly). The 1,000-client
+"after" row of the day before (1.1 s/round, 5.35 MB) did not reproduce, and its cause was not
+found: 100 sampled clients of 60 images each take 8.4 s a round on 2 cores, and their recorded
+features (up to 54 features of 392 floats per client: 8.5 MB) are most of a round's 12.7 MB, the rest
+``checkpoint.pt``; at 10,000 clients (6 images each) the round's features are under 1 MB.
 
 Before, ``checkpoint.pt`` held the whole view and grew with every client that had trained (the
 README demo, 50 clients: 49 MB rewritten each round); after, a round writes its own shard (what
