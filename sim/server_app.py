@@ -34,6 +34,9 @@ from strategies import resolve_strategy
 from strategies.state import load_strategy_state, strategy_state
 
 PULL_INTERVAL = 0.05
+# Asking every node its partition id: 10,000 nodes take minutes on 2 cores (170 s to over 300 s
+# measured), so the server gives up only when none has answered for this long.
+QUERY_PATIENCE = 300.0
 
 
 class RunFailure(RuntimeError):
@@ -115,8 +118,9 @@ def lost(reply: Message) -> bool:
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float | None,
-             on_reply: Callable[[Message], None]) -> list[Message]:
-    """Push messages and pull replies until all are in or ``timeout`` passes.
+             on_reply: Callable[[Message], None], idle: bool = False) -> list[Message]:
+    """Push messages and pull replies until all are in or ``timeout`` passes (with ``idle``:
+    ``timeout`` without any reply, for exchanges whose length grows with the number of nodes).
 
     A lost reply (see :func:`lost`) is dropped as if never sent: its message stays pending,
     so the server waits for it until the timeout, as it would for a client that vanished.
@@ -130,6 +134,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None,
     while pending and (deadline is None or time.monotonic() < deadline):
         for reply in grid.pull_messages(list(waiting)):
             waiting.discard(reply.metadata.reply_to_message_id)
+            if idle and timeout is not None:
+                deadline = time.monotonic() + timeout
             if lost(reply):
                 continue
             pending.discard(reply.metadata.reply_to_message_id)
@@ -215,13 +221,16 @@ def _map_partitions(grid: Grid, n: int) -> dict[int, int]:
     """partition id -> node id, asked once of every node (Flower's node ids are random)."""
     nodes = _wait_for_nodes(grid, n)
     msgs = [Message(RecordDict({}), dst_node_id=node, message_type="query") for node in nodes]
-    replies = exchange(grid, msgs, 300.0, lambda _: None)
+    replies = exchange(grid, msgs, QUERY_PATIENCE, lambda _: None, idle=True)
     mapping = {}
     for reply in replies:
         if reply.has_error():
             raise RunFailure(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         info: Mapping[str, Any] = reply.content["info"]  # the ConfigRecord of client_app.query
         mapping[int(info["partition-id"])] = reply.metadata.src_node_id
+    if len(replies) < n:
+        raise RunFailure(f"{len(replies)} of {n} simulated nodes told their partition id, then none "
+                         f"answered for {QUERY_PATIENCE:.0f} s")
     if sorted(mapping) != list(range(n)):
         raise RunFailure(f"expected partition ids 0..{n - 1}, got {len(mapping)} distinct ones")
     return mapping
