@@ -25,6 +25,7 @@ per-round shards on disk and checkpoints became incremental (commit 0618a96):
 | 1,000 | 2026-12-07, 2 rounds | 8.4 | 0.08 | 12.74 | 53.8 | 2,897 |
 | 1,000 | 2026-12-07, 3 rounds | 8.5 | 0.10 | 12.75 | 67.8 | 2,937 |
 | 10,000 | 2026-12-07, 3 rounds | 19.2 | 0.16 | 5.38 | 345.6 | 2,969 |
+| 10,000 | 2026-12-07, again | 15.9 | 0.08 | 5.38 | 302.8 | 2,976 |
 
 The 2026-12-07 rows are this benchmark rerun on the code of that day (the peak-memory sampler
 now keeps to 2 % of a core, so it samples less often when a sample is costly). The 1,000-client
@@ -32,6 +33,17 @@ now keeps to 2 % of a core, so it samples less often when a sample is costly). T
 found: 100 sampled clients of 60 images each take 8.4 s a round on 2 cores, and their recorded
 features (up to 54 features of 392 floats per client: 8.5 MB) are most of a round's 12.7 MB, the rest
 ``checkpoint.pt``; at 10,000 clients (6 images each) the round's features are under 1 MB.
+
+A round's time still grows with the total number of clients (100 sampled: 8.4 s at 1,000,
+16-19 s at 10,000, with a tenth of the data each). The driver's profile at 10,000 names the
+cause: Flower 1.42's simulation engine polls every registered node for messages every 0.1 s
+(``add_messages_to_queue`` in ``flwr/server/superlink/fleet/vce/vce_api.py``, which calls
+``InMemoryLinkState.get_message_ins`` once per node, and that scans every stored message):
+77 % of the driver's samples, 0.7 of a core. Not fixed: it is inside Flower (a poller that
+walks the stored messages once per pass instead of once per node would make it follow the
+sampled clients). Start-up at 10,000 (asking each node its partition id) took 255-290 s in
+these runs; the server now gives up only when no node has answered for 300 s (it had a fixed
+300 s and one run failed with 7,771 nodes mapped).
 
 Before, ``checkpoint.pt`` held the whole view and grew with every client that had trained (the
 README demo, 50 clients: 49 MB rewritten each round); after, a round writes its own shard (what
