@@ -200,6 +200,8 @@ def main() -> None:
                    help="measure each client count this many times (simulator, then the loops); "
                         "the last row gives the median ratios")
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
     cores = os.cpu_count() or 1
     print("| clients | protocol | loop s/round, 1 thread | loop s/round, all cores | simulator s/round | ratio "
           "| loop total s | simulator total s | ratio | simulator peak MB |")
@@ -222,6 +224,7 @@ def main() -> None:
             steady_ratio, total_ratio = np.median(np.array(ratios), axis=0)
             print(f"| {n} | median of {args.repeat} | | | | {steady_ratio:.2f}x | | | {total_ratio:.2f}x | |",
                   flush=True)
+
 
 if __name__ == "__main__":
     main()
