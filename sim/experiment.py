@@ -424,10 +424,12 @@ def _simulate(prep: Prepared, run_dir: Path, reporter: Any, resume: dict[str, An
     import ray
     from flwr.simulation import run_simulation
 
+    from sim import flower_poller
     from sim.client_app import app as client_app
     from sim.server_app import make_server_app
 
     cfg = prep.config
+    flower_poller.install()
     _start_ray(cfg, f"sim-{run_dir.name}")
     previous = {sig: signal.signal(sig, _stop_at_once(run_dir)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from sim import flower_poller
 from sim.config import SimConfig, config_from_dict
 from sim.experiment import USER_ERRORS, Experiment, RunFailed
 
@@ -34,6 +35,9 @@ def config_from_run_config(run_config: dict[str, Any]) -> SimConfig:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # Flower's runtime starts its message poller once its nodes are registered and its actors
+    # built, seconds after this thread starts: in time for the one-walk poller in practice
+    flower_poller.install()
     try:
         Experiment(config_from_run_config(dict(context.run_config))).serve(grid)
     except (*USER_ERRORS, RunFailed) as exc:
