@@ -7,14 +7,15 @@ Ray's processes, the client actors and the cloud), sampled while it runs.
 
     python -m benchmarks.scale                        # 10, 50, 200, 1000 and 10000 clients
     python -m benchmarks.scale --clients 1000 10000 --rounds 3
+    python -m benchmarks.scale --clients 1000 --rounds 3 --train-subset 6000   # 6 images each
 
 By default a tenth of the clients is sampled per round, at most 100 (1 % of 10,000).
 Checkpoint seconds and megabytes are per round (round 1 on): the round's shards (the views and
 client states it changed) plus ``checkpoint.pt``, as the run's ``checkpoints.jsonl`` records.
 
-Measured on 2 CPU cores (SFL-v2, whole Fashion-MNIST; 1,000 clients: 100 sampled per round,
-2 rounds; 10,000 clients: 100 sampled per round, 3 rounds), before and after the view moved to
-per-round shards on disk and checkpoints became incremental (commit 0618a96):
+Measured on 2 CPU cores (SFL-v2, whole Fashion-MNIST unless said; 1,000 clients: 100 sampled per
+round, 2 rounds; 10,000 clients: 100 sampled per round, 3 rounds), before and after the view
+moved to per-round shards on disk and checkpoints became incremental (commit 0618a96):
 
 | clients | | s/round | checkpoint s/round | checkpoint MB/round | total s | peak MB (process tree) |
 |---|---|---|---|---|---|---|
@@ -34,23 +35,34 @@ found: 100 sampled clients of 60 images each take 8.4 s a round on 2 cores, and 
 features (up to 54 features of 392 floats per client: 8.5 MB) are most of a round's 12.7 MB, the rest
 ``checkpoint.pt``; at 10,000 clients (6 images each) the round's features are under 1 MB.
 
-A round's time still grows with the total number of clients (100 sampled: 8.4 s at 1,000,
-16-19 s at 10,000, with a tenth of the data each). The driver's profile at 10,000 names the
-cause: Flower 1.42's simulation engine polls every registered node for messages every 0.1 s
-(``add_messages_to_queue`` in ``flwr/server/superlink/fleet/vce/vce_api.py``, which calls
-``InMemoryLinkState.get_message_ins`` once per node, and that scans every stored message):
-77 % of the driver's samples, 0.7 of a core. Not fixed: it is inside Flower (a poller that
-walks the stored messages once per pass instead of once per node would make it follow the
-sampled clients). Start-up at 10,000 (asking each node its partition id) took 255-290 s in
-these runs; the server now gives up only when no node has answered for 300 s (it had a fixed
-300 s and one run failed with 7,771 nodes mapped).
-
 Before, ``checkpoint.pt`` held the whole view and grew with every client that had trained (the
 README demo, 50 clients: 49 MB rewritten each round); after, a round writes its own shard (what
 the sampled clients sent) and a small ``checkpoint.pt``, so bytes per round follow the clients
-sampled, not the total. At 10,000 clients most of the total is start-up: Flower maps each of
-the 10,000 simulated nodes to a partition (one query message per node, about 170 s here); a
-round's time follows the 100 sampled clients.
+sampled, not the total.
+
+Those rows still had a round's time grow with the total number of clients. The driver's profile
+at 10,000 named the cause: Flower 1.42's simulation runtime polled every registered node for
+messages every 0.1 s, and each node's poll walked every stored message (docs/flower-ray.md,
+pitfall 14): 77 % of the driver's samples, 0.7 of a core. ``sim/flower_poller.py`` now walks
+the stored messages once a pass. Back to back on the same machine (2026-12-07, later), 3
+rounds, 100 sampled:
+
+| clients | images each | poller | s/round (2 on) | round 1 s | ckpt s/round | ckpt MB/round | total s | peak MB |
+|---|---|---|---|---|---|---|---|---|
+| 10,000 | 6 | Flower's | 17.0 | 18.3 | 0.07 | 5.38 | 354.6 | 2,970 |
+| 10,000 | 6 | one walk | 5.7 | 7.6 | 0.06 | 5.38 | 103.7 | 2,997 |
+| 1,000 | 6 (``--train-subset 6000``) | one walk | 5.8 | 7.3 | 0.06 | 5.38 | 42.7 | 2,884 |
+| 10,000 | 6 | one walk, again | 5.8 | 7.5 | 0.07 | 5.38 | 98.1 | 2,988 |
+| 1,000 | 6 (``--train-subset 6000``) | one walk, again | 5.8 | 7.1 | 0.06 | 5.38 | 40.0 | 2,892 |
+| 1,000 | 60 | one walk | 9.1 | 10.9 | 0.08 | 12.75 | 59.0 | 2,893 |
+
+With the same sampled clients holding the same data, a round takes the same time at 1,000 and
+at 10,000 clients (5.8 s against 5.7-5.8 s); with all the data, 1,000 clients' rounds are the
+longer ones, since each sampled client holds ten times the images. What is not rounds (start-up,
+mostly asking each of the 10,000 nodes its partition id, one query message each, and shutdown)
+fell with the poller from 302 s to 79-85 s at 10,000 clients. The server gives up on that
+mapping only when no node has answered for 300 s (it had a fixed 300 s and one run failed with
+7,771 nodes mapped).
 """
 
 from __future__ import annotations
@@ -62,6 +74,8 @@ import numpy as np
 from benchmarks.overhead import simulator
 from sim.config import SimConfig
 
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split (the default dataset)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,19 +83,24 @@ def main() -> None:
     p.add_argument("--fraction", type=float, help="clients sampled per round (default: a tenth, at most 100)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--protocol", default=SimConfig.protocol, choices=["sflv1", "sflv2"])
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="training samples used (default: all 60k): 6000 gives 1,000 clients the 6 images "
+                        "each that 10,000 clients have of all 60k")
     args = p.parse_args()
-    print("| clients | sampled per round | s/round (round 2 on) | first round s | checkpoint s/round "
-          "| checkpoint MB/round | total s | peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| clients | images per client | sampled per round | s/round (round 2 on) | first round s "
+          "| checkpoint s/round | checkpoint MB/round | total s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.clients:
         fraction = args.fraction if args.fraction is not None else min(0.1, 100 / n)
-        cfg = SimConfig(clients=n, rounds=args.rounds, fraction=fraction, protocol=args.protocol)
+        cfg = SimConfig(clients=n, rounds=args.rounds, fraction=fraction, protocol=args.protocol,
+                        train_subset=args.train_subset)
         run = simulator(cfg)
         steady = np.mean(run.rounds[1:]) if len(run.rounds) > 1 else run.rounds[0]
         ckpt_s = np.mean([c["seconds"] for c in run.checkpoints])
         ckpt_mb = np.mean([c["bytes"] for c in run.checkpoints]) / 2**20
-        print(f"| {n} | {max(1, int(n * fraction))} | {steady:.1f} | {run.rounds[0]:.1f} | {ckpt_s:.2f} "
-              f"| {ckpt_mb:.2f} | {run.total:.1f} | {run.peak_mb:.0f} |", flush=True)
+        print(f"| {n} | {(args.train_subset or TRAIN_IMAGES) // n} | {max(1, int(n * fraction))} | {steady:.1f} "
+              f"| {run.rounds[0]:.1f} | {ckpt_s:.2f} | {ckpt_mb:.2f} | {run.total:.1f} | {run.peak_mb:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
