@@ -28,21 +28,35 @@ on different runs of this machine):
 | | 63.43 | 45.42 | 43.63 | 0.96x (whole run: 1.35x) |
 | | 79.40 | 52.86 | 49.88 | 0.94x (whole run: 1.23x) |
 | F, median of 3 | | | | **0.95x** (whole run: 1.23x) |
+| G (as F, later) | 64.41 | 44.73 | 45.68 | 1.02x (whole run: 1.19x) |
+| H (one-walk poller) | 59.95 | 39.70 | 48.23 | 1.21x (whole run: 1.42x) |
+| I (as H, `--repeat 3`) | 61.82 | 40.86 | 48.66 | 1.19x (whole run: 1.38x) |
+| | 56.49 | 40.85 | 43.24 | 1.06x (whole run: 1.33x) |
+| | 61.11 | 42.14 | 46.74 | 1.11x (whole run: 1.26x) |
+| I, median of 3 | | | | **1.11x** (whole run: 1.33x) |
 
 A: 2026-12-07, the simulator as it was. B: the same with `--client-cpus 0.5` (4 actors).
 C: the peak-memory sampler held to 2 % of a core, and the tail's optimiser step taken after
 the reply (not kept). D: the sampler, and client actors 4 nicer than the cloud (not kept).
-E and F: the sampler alone (commit 868d93d), as shipped.
+E and F: the sampler alone (commit 868d93d). G: the same code as F, hours later, right before
+H. H and I: with Flower's message poller replaced by one walk over the stored messages a pass
+(sim/flower_poller.py, for 10,000 clients; commit 3ac82d0), as shipped.
 
-The shipped simulator's steady round is 0.93-0.96x of the whole-machine loop in all four
-measurements (E, F), against 1.13x before (A). The one change between them is the peak-memory
-sampler: in the driver it took a tenth of a core in bursts of ~0.1 s every second, and the
-driver runs at a higher CPU priority than Ray's workers (nice 0 against Ray's 15), so each burst
-could stall the cloud, the serial resource of SFL-v2's turn-taking. C and D, each with the
-sampler fix and one more change, read 1.10x and 1.13x in single runs: with run-to-run variation
-this large, a single run does not settle a few percent. The whole run (start-up included) stays 1.14-1.35x:
-Ray's and Flower's start-up. Runs on this machine vary by up to a quarter (the loop's 1-thread
-round took 56-79 s on the same day), so compare ratios within a row, and use `--repeat`.
+Later the same day the same code read 1.02x (G), and with the poller 1.06-1.21x (H, I; median
+of three 1.11x), while the loop on 2 threads ran 40-45 s a round (42-53 s for E and F). The
+poller does not explain it: run alternately, simulator only, the code before and after it read
+47.6 and 41.9, then 49.9 and 49.6 s a round (at 50 clients the store holds a wave's few
+messages, so Flower's own poller cost little). Over the nine runs since the sampler fix (E-I)
+the ratio is 0.93-1.21x, median 1.02x: **at most 1.05x does not hold run after run on this
+machine.** The sampler fix gave 0.93-0.96x in four measurements (E, F), against 1.13x before
+(A). The one change between them is the peak-memory sampler: in the driver it took a tenth of
+a core in bursts of ~0.1 s every second, and the driver runs at a higher CPU priority than
+Ray's workers (nice 0 against Ray's 15), so each burst could stall the cloud, the serial
+resource of SFL-v2's turn-taking. C and D, each with the sampler fix and one more change, read
+1.10x and 1.13x in single runs: with run-to-run variation this large, a single run does not
+settle a few percent. The whole run (start-up included) stays 1.14-1.42x: Ray's and Flower's
+start-up. Runs on this machine vary by up to a quarter (the loop's 1-thread round took 56-79 s
+on the same day), so compare ratios within a row, and use `--repeat`.
 What the profile says (py-spy and /proc CPU accounting of each process over a steady round,
 50 clients, 2 client actors):
 - The cloud actor is busy 72-77 % of the time, the two client actors ~43 % each, the driver
@@ -56,12 +70,13 @@ What the profile says (py-spy and /proc CPU accounting of each process over a st
 - Two single-thread loops run side by side each keep their solo speed on this machine, so
   processes get the whole 2x of the two cores, while the loop's two torch threads get
   1.39-1.57x of one. The simulator reached ~1.3x of the 1-thread loop before the fix (1.45-1.6x
-after, E and F): it spends ~20 % more
-  CPU per round than the loop (Ray's calls, Flower's messages, per-client set-up) and leaves
-  ~12 % of the machine idle.
+  after, E and F): it spends ~20 % more CPU per round than the loop (Ray's calls, Flower's
+  messages, per-client set-up) and leaves ~12 % of the machine idle.
 Tried and not kept, as they did not beat the noise: answering dL/dz before
 the tail's optimiser step (the step taken after the reply: 46.25 -> 45.95 s/round, identical
-numbers), client actors at a lower CPU priority than the cloud (row above), and three client
+numbers), client actors at a lower CPU priority than the cloud (row D; again with the poller,
+simulator only, run alternately with the shipped code: 48.6 and 49.0 against 44.1 and 48.7 s a
+round, although the cloud's thread was seen at nice 15 and the clients' at 19), and three client
 actors (`--client-cpus 0.66`: 44.6 s/round, 3,642 MB peak). What would go further is less
 overhead per batch (a shared-memory channel between client actors and the cloud instead of an
 actor call per batch) or filling the idle stretches without more actors; neither is done.
