@@ -13,6 +13,8 @@ from PIL import Image
 from sim.view import load_view
 from tests.simhelpers import SMALL, prepared, run_sim
 
+pytestmark = pytest.mark.slow  # a 94 s simulation with attacks every round
+
 ATTACKS = "decoder(epochs=3, width=16, blocks=1, batch_size=32, lr=0.003),rmle(steps=150)"
 
 

@@ -125,6 +125,7 @@ def test_phi_is_federated_and_round_trips():
     assert all(torch.equal(a, b) for a, b in zip(d.parameters(), again.parameters()))
 
 
+@pytest.mark.slow  # a 26 s simulation
 def test_ushaped_simulation_reports_the_bound(tmp_path):
     """A real U-shaped run (Flower + Ray, 2 clients, 1 round) with only the prediction term.
     Measured: accuracy 0.747; the clients report phi's CE 2.37 / 2.39 (about ln 10: the head and
@@ -193,6 +194,7 @@ def probe_accuracy(h_train: torch.Tensor, h_test: torch.Tensor, data: dict[str, 
     return float(np.mean(scores))
 
 
+@pytest.mark.slow  # 24 s of central training
 def test_prediction_term_lowers_model_completion_at_small_accuracy_cost(data):
     """Measured (2000 images, 3 epochs; seeds 0 / 1): lam_y = 0 -> client accuracy 0.791 / 0.794,
     probe 0.765 / 0.756; lam_y = 0.3 -> 0.758 / 0.811, probe 0.729 / 0.738 (drops of 0.036 /

@@ -91,6 +91,7 @@ def test_dirichlet_partition_with_fedmedian(tmp_path):
     assert len(sizes) == 4 and max(sizes) != min(sizes)  # skewed, not IID
 
 
+@pytest.mark.slow  # a 32 s simulation
 def test_custom_strategy_and_fraction(tmp_path):
     run_dir = run_sim(tmp_path, *SMALL, "--clients", "6", "--fraction", "0.5", "--strategy",
                       "examples.custom_strategy:NormClippedFedAvg(max_norm=5.0)")
@@ -133,6 +134,7 @@ COMPOSITIONS = ["dropout(p=0.2)", "topk(ratio=0.5)", "laplace(epsilon=20)", "nop
                 "mid(lam=0.01)", "ppdl(theta=0.5)", "cem", "dropout(p=0.2)+noise(sigma=0.01)+cem"]
 
 
+@pytest.mark.slow  # every defense simulated: 40 s
 def test_every_defense_and_composition_runs_in_a_simulation(tmp_path):
     groups = [{"name": f"g{i}", "share": 1 / len(COMPOSITIONS), "defense": d} for i, d in enumerate(COMPOSITIONS)]
     path = tmp_path / "all-defenses.yaml"
