@@ -27,9 +27,9 @@ FLOWER_VERSION = "1.42.0"
 POLL_INTERVAL = 0.1  # seconds between passes, as Flower's poller
 
 
-def deliver_pending(state: Any, queue: Queue[Any], rank: dict[int, int]) -> int:
+def deliver_pending(state: Any, queue: Queue[Any], rank: dict[int, int]) -> None:
     """One pass: queue the first undelivered message of each node in ``rank`` (node id -> its
-    registration order), in that order; return how many were queued. ``state`` is Flower's
+    registration order), in that order. ``state`` is Flower's
     ``InMemoryLinkState``, the only link state its simulation runtime uses."""
     from flwr.supercore.date import now
 
@@ -48,7 +48,6 @@ def deliver_pending(state: Any, queue: Queue[Any], rank: dict[int, int]) -> int:
             msg.metadata.delivered_at = delivered_at
     for node in sorted(first, key=rank.__getitem__):
         queue.put(first[node])
-    return len(first)
 
 
 def poll_messages(state: Any, queue: Queue[Any], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:

@@ -8,9 +8,7 @@ import time
 from queue import Queue
 from typing import Any
 
-import pytest
 from flwr.app import Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkStateFactory
@@ -18,33 +16,23 @@ from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from sim.flower_poller import deliver_pending, install, poll_messages
 
-RUN_ID = 7
 
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run and sender from TaskIdentity, as inside Flower's simulation."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-def _link(nodes: int) -> tuple[Any, InMemoryGrid, dict[int, int]]:
-    """Flower's in-memory link state with a run and ``nodes`` registered nodes, as its simulation
-    sets them up (run_simulation._main_loop, vce_api._register_nodes)."""
+def _link(run_id: int, nodes: int) -> tuple[Any, InMemoryGrid, dict[int, int]]:
+    """Flower's in-memory link state with run ``run_id`` (the task_identity fixture's) and
+    ``nodes`` registered nodes, as its simulation sets them up (run_simulation._main_loop,
+    vce_api._register_nodes)."""
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     state = factory.state()
-    run = Run.create_empty(run_id=RUN_ID)
+    run = Run.create_empty(run_id=run_id)
     run.primary_task_id = 1
     run.federation_id = NOOP_FEDERATION_ID
-    state.run_ids[RUN_ID] = RunRecord(run=run)
-    state.task_store[1] = Task(task_id=1, run_id=RUN_ID)
+    state.run_ids[run_id] = RunRecord(run=run)
+    state.task_store[1] = Task(task_id=1, run_id=run_id)
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
     return state, grid, vce_api._register_nodes(nodes, factory)
@@ -79,11 +67,10 @@ def _one_walk_pass(state: Any, queue: Queue[Message], nodes: list[int]) -> None:
     deliver_pending(state, queue, {node: i for i, node in enumerate(nodes)})
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_one_walk_delivers_what_flower_delivers_pass_by_pass() -> None:
+def test_one_walk_delivers_what_flower_delivers_pass_by_pass(task_identity: int) -> None:
     runs = []
     for one_pass in (_flower_pass, _one_walk_pass):
-        state, grid, mapping = _link(nodes=7)
+        state, grid, mapping = _link(task_identity, nodes=7)
         nodes = list(mapping)
         outside = nodes.pop()  # registered, but not one of the runtime's nodes
         # pushed out of node order, some nodes twice or three times, one to a node the runtime
@@ -102,11 +89,10 @@ def test_one_walk_delivers_what_flower_delivers_pass_by_pass() -> None:
     assert one_walk == flower
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_installed_poller_feeds_the_queue_until_stopped() -> None:
+def test_installed_poller_feeds_the_queue_until_stopped(task_identity: int) -> None:
     assert install()
     assert vce_api.add_messages_to_queue is poll_messages  # what Flower's runtime starts
-    state, grid, mapping = _link(nodes=50)
+    state, grid, mapping = _link(task_identity, nodes=50)
     ids = _push(grid, [(node, 60.0) for node in reversed(mapping)])
     queue: Queue[Message] = Queue()
     stop = threading.Event()

@@ -257,14 +257,6 @@ class _Grid:
         return [11, 12]
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction messages take their sender from TaskIdentity, set only inside a run."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
 def _reply(instruction: Message, arrays: ArrayRecord, examples: int, loss: float) -> Message:
     metrics = MetricRecord({"num-examples": examples, "loss": loss})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction)
