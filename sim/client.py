@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from defenses import Defense, federated_arrays, local_arrays
 from defenses.client_model import build_client_last, build_client_model
+from sim.channel import ChannelClient
 from sim.cloud import CloudSession, make_optimizer, make_tail_optimizer
 from sim.config import FAILURE_SALT, RESERVOIR_SALT, Group, SimConfig, config_from_dict, derive_seed
 from sim.models import LAST_PREFIX, SplitSpec, build_tail, load_numpy_state, state_to_numpy
@@ -40,6 +41,7 @@ class Runtime:
     mean: torch.Tensor
     std: torch.Tensor
     device: torch.device
+    channel: ChannelClient | None = None  # to the cloud on this node (sim.channel); None: Ray calls
 
     def inputs(self, ids: np.ndarray) -> torch.Tensor:
         """Normalised model inputs (B, C, H, W) on the compute device, for train-split ids."""
@@ -54,7 +56,10 @@ def get_runtime(cloud_name: str, namespace: str) -> Runtime:
     """The cached runtime of the run whose cloud actor is ``cloud_name``."""
     key = (cloud_name, namespace)
     if key not in _RUNTIMES:
-        _RUNTIMES.clear()  # one run per process at a time: drop an earlier run's data
+        for old in _RUNTIMES.values():  # one run per process at a time: drop an earlier run's data
+            if old.channel is not None:
+                old.channel.close()
+        _RUNTIMES.clear()
         cloud: Any = ray.get_actor(cloud_name, namespace=namespace)  # Ray types an untyped handle's methods Never
         _RUNTIMES[key] = runtime_from_setup(ray.get(cloud.setup.remote()), cloud)
     return _RUNTIMES[key]
@@ -63,9 +68,13 @@ def get_runtime(cloud_name: str, namespace: str) -> Runtime:
 def runtime_from_setup(setup: dict[str, Any], cloud: Any) -> Runtime:
     """Resolve the setup the cloud hands out (config, data refs) into a Runtime."""
     train_x, train_y, partitions = ray.get([setup["train_x"], setup["train_y"], setup["partitions"]])
-    return make_runtime(config_from_dict(setup["config"]),
-                        {cut: SplitSpec(**s) for cut, s in setup["specs"].items()},
-                        train_x, train_y, partitions, setup["mean"], setup["std"], cloud, setup["device"])
+    rt = make_runtime(config_from_dict(setup["config"]),
+                      {cut: SplitSpec(**s) for cut, s in setup["specs"].items()},
+                      train_x, train_y, partitions, setup["mean"], setup["std"], cloud, setup["device"])
+    link = setup["channel"]
+    if link is not None and link["node"] == ray.get_runtime_context().get_node_id():
+        rt.channel = ChannelClient(link["address"], link["token"])
+    return rt
 
 
 def make_runtime(cfg: SimConfig, specs: dict[int, SplitSpec], train_x: np.ndarray, train_y: np.ndarray,
@@ -199,25 +208,32 @@ class LocalTail:
 
 
 class RemoteTail:
-    """SFL-v2: every batch goes to the cloud actor's shared tail."""
+    """SFL-v2: every batch goes to the cloud actor's shared tail, through the cloud's channel
+    when this process has one (:mod:`sim.channel`), else as a Ray actor call."""
 
     def __init__(self, rt: Runtime, pid: int) -> None:
-        self.cloud, self.pid = rt.cloud, pid
+        self.cloud, self.channel, self.pid = rt.cloud, rt.channel, pid
+
+    def _exchange(self, method: str, last: bool, *arrays: np.ndarray) -> list[np.ndarray]:
+        if self.channel is not None:
+            return self.channel.request({"method": method, "pid": self.pid, "last": last}, arrays)
+        return ray.get(self.cloud.exchange.remote(method, self.pid, list(arrays), last))
 
     def train_batch(self, ids: np.ndarray, z: np.ndarray, y: np.ndarray, last: bool) -> tuple[np.ndarray, float, int]:
-        return ray.get(self.cloud.train_batch.remote(self.pid, ids, z, y, last))
+        grad, loss, hits = self._exchange("train_batch", last, ids, z, y)
+        return grad, float(loss), int(hits)
 
     def predict(self, z: np.ndarray, last: bool) -> np.ndarray:
-        return ray.get(self.cloud.predict.remote(self.pid, z, last))
+        return self._exchange("predict", last, z)[0]
 
     def forward(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
-        return ray.get(self.cloud.forward.remote(self.pid, ids, z))
+        return self._exchange("forward", False, ids, z)[0]
 
     def backward(self, grad_h: np.ndarray, last: bool) -> np.ndarray:
-        return ray.get(self.cloud.backward.remote(self.pid, grad_h, last))
+        return self._exchange("backward", last, grad_h)[0]
 
     def embed(self, z: np.ndarray, last: bool) -> np.ndarray:
-        return ray.get(self.cloud.embed.remote(self.pid, z, last))
+        return self._exchange("embed", last, z)[0]
 
     def finish(self, num_examples: int) -> None:
         """Nothing to hand over: the shared tail was updated batch by batch."""

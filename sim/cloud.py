@@ -9,7 +9,9 @@ protocol:
   :meth:`CloudActor.submit` hands the copy and the recorded features to the cloud actor.
 * ``sflv2`` (one shared tail): every batch goes to the cloud actor, which serves the clients of
   a wave in a seeded round-robin order, so the shared tail sees batches in an order fixed by the
-  seed rather than by which actor happens to call first.
+  seed rather than by which actor happens to call first. A batch is one :meth:`CloudActor.exchange`:
+  through the cloud's channel (:mod:`sim.channel`) from client actors on its node, as a Ray
+  actor call from the others.
 
 In the U-shaped split the client keeps the last layer: a batch is two exchanges, ``forward``
 (z in, the tail's output h back) and ``backward`` (dL/dh in, dL/dz back, the tail stepped), and
@@ -26,6 +28,7 @@ U-shaped pair, 1.14x.)
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from torch import nn
 
 from attacks.completion import MaliciousOptimizer
 from attacks.fsha import Hijacker
+from sim import channel
 from sim.config import HIJACK_SALT, RESERVOIR_SALT, derive_seed
 from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
 from sim.records import wire_bytes
@@ -167,6 +171,9 @@ def average_states(states: list[dict[str, np.ndarray]], weights: list[float]) ->
             for k in states[0]}
 
 
+EXCHANGES = ("train_batch", "predict", "forward", "backward", "embed")  # what a client asks per batch
+
+
 @dataclass
 class _Pending:
     """An SFL-v1 client's round result, held until the server closes the round."""
@@ -215,10 +222,19 @@ class CloudActor:
         self._waves: deque[tuple[int, list[tuple[int, int, int]]]] = deque()
         self._arrived: set[int] = set()
         self._dropped: set[int] = set()  # dropped from this round's waves: their calls are refused
+        self._channel: dict[str, Any] | None = None  # the channel's node, address and token, once open
+        self._server: asyncio.AbstractServer | None = None
 
     async def setup(self) -> dict[str, Any]:
-        """The run's config and the object refs of the shared data, for client actors."""
-        return self._setup
+        """The run's config and the object refs of the shared data, for client actors, and
+        how to reach the channel (:mod:`sim.channel`; None where it is not available), which
+        the first call opens."""
+        async with self._cond:
+            if self._channel is None and channel.AVAILABLE:
+                addr, token = channel.address(), secrets.token_bytes(channel.TOKEN_BYTES)
+                self._server = await channel.serve(addr, token, self._serve)
+                self._channel = {"node": ray.get_runtime_context().get_node_id(), "address": addr, "token": token}
+        return self._setup | {"channel": self._channel}
 
     async def tail_state(self, cut: int) -> dict[str, np.ndarray]:
         return state_to_numpy(self.tails[cut])
@@ -335,21 +351,19 @@ class CloudActor:
             self._open_next()
             self._cond.notify_all()
 
-    async def train_batch(self, pid: int, sample_ids: np.ndarray, z: np.ndarray, y: np.ndarray,
-                          last: bool = False) -> tuple[np.ndarray, float, int]:
-        return await self._call(pid, last, lambda s: s.train_batch(sample_ids, z, y))
+    async def exchange(self, method: str, pid: int, arrays: list[np.ndarray], last: bool = False
+                       ) -> list[np.ndarray]:
+        """A client's request in its turn: the :class:`CloudSession` method ``method`` (one of
+        :data:`EXCHANGES`) on ``arrays``, its result as arrays. Clients on this node send it
+        through the channel (:meth:`_serve`), others as this actor call."""
+        if method not in EXCHANGES:
+            raise ValueError(f"no exchange {method!r}; the cloud answers {', '.join(EXCHANGES)}")
+        result = await self._call(pid, last, lambda s: getattr(s, method)(*arrays), keep_turn=method == "forward")
+        return [np.asarray(r) for r in (result if isinstance(result, tuple) else (result,))]
 
-    async def predict(self, pid: int, z: np.ndarray, last: bool = False) -> np.ndarray:
-        return await self._call(pid, last, lambda s: s.predict(z))
-
-    async def forward(self, pid: int, sample_ids: np.ndarray, z: np.ndarray) -> np.ndarray:
-        return await self._call(pid, False, lambda s: s.forward(sample_ids, z), keep_turn=True)
-
-    async def backward(self, pid: int, grad_h: np.ndarray, last: bool = False) -> np.ndarray:
-        return await self._call(pid, last, lambda s: s.backward(grad_h))
-
-    async def embed(self, pid: int, z: np.ndarray, last: bool = False) -> np.ndarray:
-        return await self._call(pid, last, lambda s: s.embed(z))
+    async def _serve(self, header: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The channel's handler: one :meth:`exchange`."""
+        return {}, await self.exchange(str(header["method"]), int(header["pid"]), arrays, bool(header["last"]))
 
     # ------------------------------------------------------------------------------ results
 

@@ -55,15 +55,15 @@ def _waiting(ref: ray.ObjectRef, seconds: float = 0.5) -> bool:
 def test_a_queued_wave_waits_for_the_open_one_and_turns_follow_the_order(cloud):
     ray.get(cloud.begin_wave.remote(1, [(0, 0, SPEC.cut), (1, 0, SPEC.cut)]))
     ray.get(cloud.begin_wave.remote(1, [(2, 0, SPEC.cut)]))
-    early = cloud.train_batch.remote(2, *_batch(2), True)  # next wave's client, already running
+    early = cloud.exchange.remote("train_batch", 2, list(_batch(2)), True)  # next wave's client, already running
     ray.get(cloud.wait_arrived.remote([2]), timeout=30)
-    second = cloud.train_batch.remote(1, *_batch(1), False)  # pid 1 calls before pid 0's turn
+    second = cloud.exchange.remote("train_batch", 1, list(_batch(1)), False)  # pid 1 calls before pid 0's turn
     assert _waiting(second) and _waiting(early, 0.0)
-    ray.get(cloud.train_batch.remote(0, *_batch(0), False), timeout=30)
+    ray.get(cloud.exchange.remote("train_batch", 0, list(_batch(0)), False), timeout=30)
     ray.get(second, timeout=30)
-    ray.get(cloud.predict.remote(0, _batch(0)[1], True), timeout=30)
+    ray.get(cloud.exchange.remote("predict", 0, [_batch(0)[1]], True), timeout=30)
     assert _waiting(early)  # pid 1 has a turn left in the open wave
-    ray.get(cloud.predict.remote(1, _batch(1)[1], True), timeout=30)
+    ray.get(cloud.exchange.remote("predict", 1, [_batch(1)[1]], True), timeout=30)
     ray.get(early, timeout=30)  # the wave is done: the queued one opened
     seen = _seen(cloud, 1)
     assert {p: seen[p] for p in (0, 1, 2)} == {0: 4, 1: 4, 2: 4}
@@ -72,11 +72,11 @@ def test_a_queued_wave_waits_for_the_open_one_and_turns_follow_the_order(cloud):
 def test_wait_arrived_counts_a_dropped_client_and_the_wave_goes_on_without_it(cloud):
     ray.get(cloud.begin_wave.remote(2, [(3, 0, SPEC.cut), (4, 0, SPEC.cut)]))
     arrived = cloud.wait_arrived.remote([3, 4])
-    first = cloud.train_batch.remote(3, *_batch(3), False)
+    first = cloud.exchange.remote("train_batch", 3, list(_batch(3)), False)
     ray.get(first, timeout=30)
     assert _waiting(arrived)  # pid 4 has not called yet
     ray.get(cloud.drop.remote(4))  # e.g. it failed before its first batch
     ray.get(arrived, timeout=30)
-    ray.get(cloud.predict.remote(3, _batch(3)[1], True), timeout=30)  # not kept waiting for pid 4
+    ray.get(cloud.exchange.remote("predict", 3, [_batch(3)[1]], True), timeout=30)  # not kept waiting for pid 4
     seen = _seen(cloud, 2)
     assert seen[3] == 4 and 4 not in seen
