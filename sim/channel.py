@@ -94,12 +94,18 @@ def lengths(prefix: bytes) -> tuple[int, int]:
 
 def decode(head: bytes, body: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
     """A frame's header and its arrays (writable views into ``body``, a buffer from
-    :func:`aligned`); ValueError when the header's arrays are not plain numbers or do not fill
-    the body exactly."""
+    :func:`aligned`); ValueError when the header is not a JSON object with a list of arrays, or
+    its arrays are not plain numbers or do not fill the body exactly."""
     header = json.loads(head)
+    entries = header.pop("arrays", None) if isinstance(header, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 3 for e in entries):
+        raise ValueError("a frame's header must be a JSON object listing its arrays")
     arrays, offset = [], 0
-    for dtype_str, shape, axes in header.pop("arrays"):
-        dtype = np.dtype(str(dtype_str))
+    for dtype_str, shape, axes in entries:
+        try:
+            dtype = np.dtype(str(dtype_str))
+        except TypeError:
+            raise ValueError(f"no dtype {dtype_str!r}") from None
         if (dtype.kind not in "biuf" or not all(isinstance(n, int) and n >= 0 for n in shape)
                 or sorted(axes) != list(range(len(shape)))):
             raise ValueError(f"the channel carries plain numeric arrays only, not {dtype_str} {shape} {axes}")
@@ -118,10 +124,12 @@ def address() -> str:
     return f"\0sfl-cloud-{secrets.token_hex(8)}"
 
 
-async def serve(addr: str, token: bytes, handle: Handler) -> asyncio.AbstractServer:
+async def serve(addr: str, token: bytes, handle: Handler, after: Callable[[], None] = lambda: None
+                ) -> asyncio.AbstractServer:
     """Serve ``handle`` on ``addr`` in the running event loop, one request at a time per
     connection, to clients that open with ``token``. A request that ``handle`` fails is
-    answered with the error's text; a malformed frame closes the connection."""
+    answered with the error's text; a malformed frame closes the connection. ``after`` runs
+    once each answer is handed to the socket, before the loop runs anything else."""
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -138,7 +146,10 @@ async def serve(addr: str, token: bytes, handle: Handler) -> asyncio.AbstractSer
                     reply = await handle(header, arrays)
                 except Exception as exc:  # the caller's error, e.g. a client dropped from its wave
                     reply = ({"error": f"{type(exc).__name__}: {exc}"}, [])
-                writer.writelines(encode(*reply))
+                try:
+                    writer.writelines(encode(*reply))
+                finally:
+                    after()
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass  # the client left, never authenticated, or sent a malformed frame

@@ -72,8 +72,10 @@ class CloudSession:
     """
 
     def __init__(self, tail: nn.Module, optimizer: Any, reservoir: Reservoir,
-                 hijacker: Hijacker | None = None) -> None:
+                 hijacker: Hijacker | None = None, defer_step: bool = False) -> None:
         self.tail = tail
+        self.defer_step = defer_step  # leave each tail step for settle(): the caller answers first
+        self.step_due = False
         self.device = next(tail.parameters()).device
         self.optimizer = optimizer
         self.reservoir = reservoir
@@ -95,7 +97,7 @@ class CloudSession:
         loss = F.cross_entropy(out, yt)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self._step()
         assert zt.grad is not None  # zt is a leaf that requires grad, and backward() just ran
         grad = zt.grad.cpu().numpy()
         self.bytes_sent += wire_bytes(grad)
@@ -138,11 +140,24 @@ class CloudSession:
         self.bytes_received += wire_bytes(grad_h)
         self.optimizer.zero_grad(set_to_none=True)
         h.backward(torch.from_numpy(grad_h).to(self.device))
-        self.optimizer.step()
+        self._step()
         assert zt.grad is not None  # zt is a leaf that requires grad, and backward() just ran
         grad = zt.grad.cpu().numpy()
         self.bytes_sent += wire_bytes(grad)
         return grad
+
+    def _step(self) -> None:
+        if self.defer_step:
+            self.step_due = True
+        else:
+            self.optimizer.step()
+
+    def settle(self) -> None:
+        """Take the tail step a deferred ``train_batch`` or ``backward`` left due (its gradients
+        are kept until then: nothing may run the tail or zero them in between)."""
+        if self.step_due:
+            self.optimizer.step()
+            self.step_due = False
 
     @torch.no_grad()
     def predict(self, z: np.ndarray) -> np.ndarray:
@@ -224,6 +239,7 @@ class CloudActor:
         self._dropped: set[int] = set()  # dropped from this round's waves: their calls are refused
         self._channel: dict[str, Any] | None = None  # the channel's node, address and token, once open
         self._server: asyncio.AbstractServer | None = None
+        self._unsettled: CloudSession | None = None  # the session whose tail step is due
 
     async def setup(self) -> dict[str, Any]:
         """The run's config and the object refs of the shared data, for client actors, and
@@ -232,7 +248,7 @@ class CloudActor:
         async with self._cond:
             if self._channel is None and channel.AVAILABLE:
                 addr, token = channel.address(), secrets.token_bytes(channel.TOKEN_BYTES)
-                self._server = await channel.serve(addr, token, self._serve)
+                self._server = await channel.serve(addr, token, self._serve, after=self._settle)
                 self._channel = {"node": ray.get_runtime_context().get_node_id(), "address": addr, "token": token}
         return self._setup | {"channel": self._channel}
 
@@ -293,7 +309,7 @@ class CloudActor:
             for pid, group, cut in wave:
                 session = CloudSession(self.tails[cut], self.optimizers[cut],
                                        Reservoir(self.capacity, derive_seed(self.seed, round_, pid, RESERVOIR_SALT)),
-                                       self.hijackers.get(cut))
+                                       self.hijackers.get(cut), defer_step=True)
                 self._sessions[pid] = (session, group, cut, round_)
 
     async def wait_arrived(self, pids: list[int]) -> None:
@@ -313,10 +329,13 @@ class CloudActor:
             await self._cond.wait_for(lambda: pid in self._dropped or (self._order and self._order[self._turn] == pid))
             if pid in self._dropped:  # e.g. after a timeout: its calls are refused
                 raise RuntimeError(f"client {pid} was dropped from the cloud's wave (after a timeout?)")
-            result = fn(self._sessions[pid][0])
+            self._settle()
+            session = self._sessions[pid][0]
+            result = fn(session)
+            self._unsettled = session
             if last and not keep_turn:
                 self._order.pop(self._turn)
-                session, group, cut, round_ = self._sessions.pop(pid)
+                _, group, cut, round_ = self._sessions.pop(pid)
                 self.store.put(session.view(pid, group, cut, round_, self.specs[cut].feature_shape))
                 if self._turn >= len(self._order):
                     self._turn = 0
@@ -353,17 +372,33 @@ class CloudActor:
 
     async def exchange(self, method: str, pid: int, arrays: list[np.ndarray], last: bool = False
                        ) -> list[np.ndarray]:
-        """A client's request in its turn: the :class:`CloudSession` method ``method`` (one of
-        :data:`EXCHANGES`) on ``arrays``, its result as arrays. Clients on this node send it
-        through the channel (:meth:`_serve`), others as this actor call."""
+        """A client's request in its turn, as an actor call (from client actors on other nodes;
+        those on this node use the channel, :meth:`_serve`): the :class:`CloudSession` method
+        ``method`` (one of :data:`EXCHANGES`) on ``arrays``, its result as arrays."""
+        result = await self._exchange(method, pid, arrays, last)
+        self._settle()
+        return result
+
+    async def _exchange(self, method: str, pid: int, arrays: list[np.ndarray], last: bool) -> list[np.ndarray]:
+        """:meth:`exchange`, leaving the tail's step due (:meth:`_settle`)."""
         if method not in EXCHANGES:
             raise ValueError(f"no exchange {method!r}; the cloud answers {', '.join(EXCHANGES)}")
         result = await self._call(pid, last, lambda s: getattr(s, method)(*arrays), keep_turn=method == "forward")
         return [np.asarray(r) for r in (result if isinstance(result, tuple) else (result,))]
 
     async def _serve(self, header: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """The channel's handler: one :meth:`exchange`."""
-        return {}, await self.exchange(str(header["method"]), int(header["pid"]), arrays, bool(header["last"]))
+        """The channel's handler: one exchange; the channel settles the step once it has
+        written the answer."""
+        return {}, await self._exchange(str(header["method"]), int(header["pid"]), arrays, bool(header["last"]))
+
+    def _settle(self) -> None:
+        """Take the shared tail's step the last exchange left due. SFL-v2 sessions defer it so
+        that the client has dL/dz a step's time earlier (the channel answers, then settles); it
+        is taken before the tail is next run or read, so the numbers are those of stepping at
+        once."""
+        if self._unsettled is not None:
+            self._unsettled.settle()
+            self._unsettled = None
 
     # ------------------------------------------------------------------------------ results
 
@@ -372,6 +407,7 @@ class CloudActor:
         self.store.save(path)
 
     async def all_tail_states(self) -> dict[int, dict[str, np.ndarray]]:
+        self._settle()
         return {cut: state_to_numpy(t) for cut, t in self.tails.items()}
 
     async def attack_models(self) -> dict[int, dict[str, dict[str, np.ndarray]]]:
@@ -394,6 +430,7 @@ class CloudActor:
         """Everything the cloud holds between rounds: tails, their optimisers, the view's index
         (its arrays are in the shards :meth:`flush` wrote), and
         a hijacking cloud's FSHA networks (tensors, as the optimisers' states)."""
+        self._settle()
         return {"tails": {cut: state_to_numpy(t) for cut, t in self.tails.items()},
                 "optimizers": {cut: o.state_dict() for cut, o in self.optimizers.items()},
                 "store": self.store.state(),

@@ -1,7 +1,8 @@
 """The per-batch channel from client actors to the cloud actor on its node (sim.channel).
 
 Its frames carry numeric arrays exactly, layout included, and nothing else; on a real cloud
-actor a request through the channel is answered bit for bit as the same request as a Ray call;
+actor a request through the channel is answered bit for bit as the same request as a Ray call
+(the channel answers before the shared tail's step, the Ray call after it);
 the cloud's errors reach the client; a connection without the cloud's token gets nothing.
 """
 
@@ -17,10 +18,11 @@ import ray
 import torch
 
 from sim import channel
-from sim.cloud import CloudActor
-from sim.config import SimConfig
+from sim.cloud import CloudActor, CloudSession, make_optimizer
+from sim.config import RESERVOIR_SALT, SimConfig, derive_seed
 from sim.experiment import _locked_down
-from sim.models import SplitSpec, build_tail, state_to_numpy
+from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
+from sim.view import Reservoir
 
 pytestmark = pytest.mark.skipif(not channel.AVAILABLE, reason="the channel uses Linux's abstract sockets")
 SPEC = SplitSpec("small", (1, 28, 28), 10)
@@ -58,6 +60,9 @@ def test_frames_carry_arrays_exactly_with_their_layout():
 def test_a_malformed_frame_is_refused(entry, why):
     with pytest.raises(ValueError, match=why):
         channel.decode(json.dumps({"arrays": [entry]}).encode(), channel.aligned(128))
+    for header in (b"[]", b"{}", b'{"arrays": [["<f4", [1]]]}', b'{"arrays": [["nonsense", [1], [0]]]}', b"{"):
+        with pytest.raises(ValueError):
+            channel.decode(header, channel.aligned(64))
     with pytest.raises(ValueError, match="over the channel's limits"):
         channel.lengths(struct.pack("<II", channel.MAX_HEADER + 1, 0))
 
@@ -75,7 +80,7 @@ def clouds(tmp_path_factory):
         actors = [CloudActor.remote(setup, tails, str(tmp_path_factory.mktemp("store"))) for _ in range(2)]
         for actor in actors:
             ray.get(actor.begin_wave.remote(1, [(0, 0, SPEC.cut), (1, 0, SPEC.cut)]))
-        yield actors
+        yield actors, tails[SPEC.cut]
         ray.shutdown()
 
 
@@ -89,17 +94,33 @@ def _batches(n: int) -> list[list[np.ndarray]]:
 
 
 def test_the_channel_answers_as_the_ray_call_does(clouds):
-    via_ray, via_channel = clouds
+    (via_ray, via_channel), initial_tail = clouds
     link = ray.get(via_channel.setup.remote())["channel"]
     assert link["node"] == ray.get_runtime_context().get_node_id()
     client = channel.ChannelClient(link["address"], link["token"])
-    for i, batch in enumerate(_batches(6)):
-        pid = i % 2  # the wave's two clients take turns
-        expected = ray.get(via_ray.exchange.remote("train_batch", pid, batch, False))
-        got = client.request({"method": "train_batch", "pid": pid, "last": False}, batch)
-        for a, b in zip(expected, got):  # dL/dz, loss, hits: bit for bit, dL/dz in z's layout
-            assert a.dtype == b.dtype and a.strides == b.strides and a.tobytes() == b.tobytes()
+    # the reference: the same batches on a tail stepped at once, in this process on one thread
+    tail = build_tail(SPEC)
+    load_numpy_state(tail, initial_tail)
+    session = CloudSession(tail, make_optimizer(tail.parameters(), 1e-3), Reservoir(16, 0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(derive_seed(0, 1, 0, RESERVOIR_SALT))  # as the cloud's wave (seed 0, round 1, pid 0)
+    try:
+        for i, batch in enumerate(_batches(6)):
+            pid = i % 2  # the wave's two clients take turns
+            expected = [np.asarray(r) for r in session.train_batch(*batch)]
+            for answer in (ray.get(via_ray.exchange.remote("train_batch", pid, batch, False)),
+                           client.request({"method": "train_batch", "pid": pid, "last": False}, batch)):
+                for a, b in zip(expected, answer):  # dL/dz, loss, hits: bit for bit, dL/dz in z's layout
+                    assert a.dtype == b.dtype and a.strides == b.strides and a.tobytes() == b.tobytes()
+    finally:
+        torch.set_num_threads(threads)
     assert expected[0].strides == batch[1].strides
+    # the channel answers before the tail's step and takes it after: the same tail in the end
+    final = state_to_numpy(tail)
+    for cloud in (via_ray, via_channel):
+        state = ray.get(cloud.all_tail_states.remote())[SPEC.cut]
+        assert all(np.array_equal(final[k], state[k]) for k in final)
     with pytest.raises(channel.ChannelError, match="no exchange 'steal'"):  # the cloud's error, one line
         client.request({"method": "steal", "pid": 0, "last": False}, [])
     got = client.request({"method": "predict", "pid": 0, "last": False}, [batch[1]])  # still connected
@@ -108,7 +129,7 @@ def test_the_channel_answers_as_the_ray_call_does(clouds):
 
 
 def test_a_connection_without_the_token_gets_nothing(clouds):
-    link = ray.get(clouds[1].setup.remote())["channel"]
+    link = ray.get(clouds[0][1].setup.remote())["channel"]
     frame = b"".join(channel.encode({"method": "predict", "pid": 0, "last": False},
                                     [np.zeros((8, *SPEC.feature_shape), np.float32)]))
     wrong = bytes(b ^ 1 for b in link["token"])
