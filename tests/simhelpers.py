@@ -6,16 +6,19 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
-from sim.config import config_from_dict
+from sim.config import SimConfig, config_from_dict
 from sim.data import to_tensor
-from sim.experiment import Prepared, prepare
-from sim.models import build_head, normalise
+from sim.experiment import Prepared, _locked_down, prepare
+from sim.models import SplitSpec, build_head, build_tail, normalise, state_to_numpy
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -26,6 +29,32 @@ def plugin_folder(where: Path) -> Path:
     for name in ("custom_defense.py", "custom_attack.py"):
         shutil.copy(EXAMPLES / name, where / name)
     return where
+
+
+CLOUD_SPEC = SplitSpec("small", (1, 28, 28), 10)  # the tail of the cloud actors of local_clouds
+
+
+@contextmanager
+def local_clouds(count: int, store: Callable[[], Path], namespace: str
+                 ) -> Iterator[tuple[list[Any], dict[str, np.ndarray]]]:
+    """``count`` real cloud actors with the same small tail (seed 0, lr 1e-3, reservoirs of 16),
+    on a local Ray started as the simulator starts it (token auth, loopback); the actors and the
+    tail's initial state. ``store`` gives each actor a fresh directory for its view."""
+    import ray
+
+    from sim.cloud import CloudActor
+
+    with _locked_down(SimConfig()):
+        ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 namespace=namespace)
+        torch.manual_seed(0)
+        setup = {"config": {"seed": 0, "lr": 1e-3, "reservoir": 16}, "specs": {CLOUD_SPEC.cut: vars(CLOUD_SPEC)},
+                 "device": "cpu"}
+        tail = state_to_numpy(build_tail(CLOUD_SPEC))
+        try:
+            yield [CloudActor.remote(setup, {CLOUD_SPEC.cut: tail}, str(store())) for _ in range(count)], tail
+        finally:
+            ray.shutdown()
 
 
 # Small but real: a few clients over a 2000-sample subset of Fashion-MNIST.

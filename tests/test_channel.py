@@ -18,14 +18,14 @@ import ray
 import torch
 
 from sim import channel
-from sim.cloud import CloudActor, CloudSession, make_optimizer
-from sim.config import RESERVOIR_SALT, SimConfig, derive_seed
-from sim.experiment import _locked_down
-from sim.models import SplitSpec, build_tail, load_numpy_state, state_to_numpy
+from sim.cloud import CloudSession, make_optimizer
+from sim.config import RESERVOIR_SALT, derive_seed
+from sim.models import build_tail, load_numpy_state, state_to_numpy
 from sim.view import Reservoir
+from tests.simhelpers import CLOUD_SPEC, local_clouds
 
 pytestmark = pytest.mark.skipif(not channel.AVAILABLE, reason="the channel uses Linux's abstract sockets")
-SPEC = SplitSpec("small", (1, 28, 28), 10)
+SPEC = CLOUD_SPEC
 
 
 def _roundtrip(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -70,18 +70,10 @@ def test_a_malformed_frame_is_refused(entry, why):
 @pytest.fixture(scope="module")
 def clouds(tmp_path_factory):
     """Two cloud actors with the same tail, each with one client in an open wave."""
-    with _locked_down(SimConfig()):  # Ray as the simulator starts it: token auth, loopback
-        ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 namespace="test-channel")
-        torch.manual_seed(0)
-        setup = {"config": {"seed": 0, "lr": 1e-3, "reservoir": 16}, "specs": {SPEC.cut: vars(SPEC)},
-                 "device": "cpu"}
-        tails = {SPEC.cut: state_to_numpy(build_tail(SPEC))}
-        actors = [CloudActor.remote(setup, tails, str(tmp_path_factory.mktemp("store"))) for _ in range(2)]
+    with local_clouds(2, lambda: tmp_path_factory.mktemp("store"), "test-channel") as (actors, tail):
         for actor in actors:
             ray.get(actor.begin_wave.remote(1, [(0, 0, SPEC.cut), (1, 0, SPEC.cut)]))
-        yield actors, tails[SPEC.cut]
-        ray.shutdown()
+        yield actors, tail
 
 
 def _batches(n: int) -> list[list[np.ndarray]]:

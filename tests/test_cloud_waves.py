@@ -10,28 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
-import torch
 
-from sim.cloud import CloudActor
-from sim.config import SimConfig
-from sim.experiment import _locked_down
-from sim.models import SplitSpec, build_tail, state_to_numpy
 from sim.view import VIEW_META
+from tests.simhelpers import CLOUD_SPEC, local_clouds
 
-SPEC = SplitSpec("small", (1, 28, 28), 10)
+SPEC = CLOUD_SPEC
 
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
-    with _locked_down(SimConfig()):  # Ray as the simulator starts it: token auth, loopback
-        ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 namespace="test-cloud-waves")
-        torch.manual_seed(0)
-        setup = {"config": {"seed": 0, "lr": 1e-3, "reservoir": 16}, "specs": {SPEC.cut: vars(SPEC)},
-                 "device": "cpu"}
-        yield CloudActor.remote(setup, {SPEC.cut: state_to_numpy(build_tail(SPEC))},
-                                str(tmp_path_factory.mktemp("store")))
-        ray.shutdown()
+    with local_clouds(1, lambda: tmp_path_factory.mktemp("store"), "test-cloud-waves") as (actors, _):
+        yield actors[0]
 
 
 def _batch(pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
