@@ -34,10 +34,14 @@ on different runs of this machine):
 | | 56.49 | 40.85 | 43.24 | 1.06x (whole run: 1.33x) |
 | | 61.11 | 42.14 | 46.74 | 1.11x (whole run: 1.26x) |
 | I, median of 3 | | | | **1.11x** (whole run: 1.33x) |
+| J (channel, step after the answer; `--repeat 3`) | 62.75 | 43.79 | 42.52 | 0.97x (whole run: 1.15x) |
+| | 66.99 | 40.61 | 39.99 | 0.98x (whole run: 1.17x) |
+| | 68.64 | 46.85 | 41.00 | 0.88x (whole run: 1.05x) |
+| J, median of 3 | | | | **0.97x** (whole run: 1.15x) |
 
 A: 2026-12-07, the simulator as it was. B: the same with `--client-cpus 0.5` (4 actors).
 C: the peak-memory sampler held to 2 % of a core, and the tail's optimiser step taken after
-the reply (not kept). D: the sampler, and client actors 4 nicer than the cloud (not kept).
+the reply (through Ray; not kept). D: the sampler, and client actors 4 nicer than the cloud (not kept).
 E and F: the sampler alone (commit 868d93d). G: the same code as F, hours later, right before
 H. H and I: with Flower's message poller replaced by one walk over the stored messages a pass
 (sim/flower_poller.py, for 10,000 clients; commit 3ac82d0), as shipped.
@@ -72,14 +76,25 @@ What the profile says (py-spy and /proc CPU accounting of each process over a st
   1.39-1.57x of one. The simulator reached ~1.3x of the 1-thread loop before the fix (1.45-1.6x
   after, E and F): it spends ~20 % more CPU per round than the loop (Ray's calls, Flower's
   messages, per-client set-up) and leaves ~12 % of the machine idle.
-Tried and not kept, as they did not beat the noise: answering dL/dz before
-the tail's optimiser step (the step taken after the reply: 46.25 -> 45.95 s/round, identical
-numbers), client actors at a lower CPU priority than the cloud (row D; again with the poller,
+Tried and not kept, as they did not beat the noise: answering dL/dz before the tail's
+optimiser step through Ray (46.25 -> 45.95 s/round, identical numbers), client actors at a
+lower CPU priority than the cloud (row D; again with the poller,
 simulator only, run alternately with the shipped code: 48.6 and 49.0 against 44.1 and 48.7 s a
 round, although the cloud's thread was seen at nice 15 and the clients' at 19), and three client
-actors (`--client-cpus 0.66`: 44.6 s/round, 3,642 MB peak). What would go further is less
-overhead per batch (a shared-memory channel between client actors and the cloud instead of an
-actor call per batch) or filling the idle stretches without more actors; neither is done.
+actors (`--client-cpus 0.66`: 44.6 s/round, 3,642 MB peak).
+
+J: what the profile above missed. Timing every call in the cloud actor (50 clients, one round)
+showed the idle was not at wave changes (0.7 s a round) but after nearly every call: in 1,728
+of 1,750 calls the next client's call arrived only after the previous one had finished, 4.6 ms
+later (median). The clients were the slower side (head forward 7.5 ms, backward 15.5 ms, step
+1.1 ms a batch, against the tail's ~23 ms), and the Ray call between them cost 7-8 ms a round
+trip on the busy machine (~2 ms idle). Two changes: SFL-v2 batches go over the cloud's own
+Unix-socket channel on its node (sim/channel.py; 0.37 ms a round trip idle), and the cloud
+answers before the tail's optimiser step and steps right after (the client's path then no
+longer holds the step; through Ray, in C, the reply could not leave first). The cloud still
+waited ~2.9 ms after most calls with the channel alone. Same numbers as before (identical
+metrics.jsonl and view.npz). Simulator only, run alternately, s/round: before 47.17 and 50.77;
+channel 44.36 and 41.65, then 43.27 and 43.15; channel and step after the answer 39.35 and 40.30.
 Earlier measurements against the 1-thread loop alone (before the baseline got the whole
 machine) read 0.75x-0.91x: a loop on one thread is not an honest baseline on a 2-core machine.
 Per wave (one client per actor) ~0.1-0.2 s would be lost to Flower's dispatch poll and the
