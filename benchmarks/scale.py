@@ -63,6 +63,11 @@ mostly asking each of the 10,000 nodes its partition id, one query message each,
 fell with the poller from 302 s to 79-85 s at 10,000 clients. The server gives up on that
 mapping only when no node has answered for 300 s (it had a fixed 300 s and one run failed with
 7,771 nodes mapped).
+
+With SFL-v2 batches over the cloud's channel and the tail stepping after its answer (commit
+5fe6543), ``--clients 1000 10000 --rounds 3``: 1,000 clients (60 images each) 8.8 s a round,
+checkpoint 0.09 s and 12.75 MB a round, 58.0 s in all, 2,911 MB; 10,000 clients (6 each) 5.9 s
+a round (first round 8.0 s), checkpoint 0.08 s and 5.38 MB a round, 100.2 s in all, 3,051 MB.
 """
 
 from __future__ import annotations
