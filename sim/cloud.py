@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,7 @@ class CloudActor:
         self._dropped: set[int] = set()  # dropped from this round's waves: their calls are refused
         self._channel: dict[str, Any] | None = None  # the channel's node, address and token, once open
         self._server: asyncio.AbstractServer | None = None
+        self._channel_tried = False
         self._unsettled: CloudSession | None = None  # the session whose tail step is due
 
     async def setup(self) -> dict[str, Any]:
@@ -246,10 +248,17 @@ class CloudActor:
         how to reach the channel (:mod:`sim.channel`; None where it is not available), which
         the first call opens."""
         async with self._cond:
-            if self._channel is None and channel.AVAILABLE:
+            if not self._channel_tried and channel.AVAILABLE:
+                self._channel_tried = True
                 addr, token = channel.address(), secrets.token_bytes(channel.TOKEN_BYTES)
-                self._server = await channel.serve(addr, token, self._serve, after=self._settle)
-                self._channel = {"node": ray.get_runtime_context().get_node_id(), "address": addr, "token": token}
+                try:
+                    self._server = await channel.serve(addr, token, self._serve, after=self._settle)
+                except OSError as exc:  # e.g. a sandbox without Unix sockets: Ray calls still work
+                    print(f"warning: the cloud's channel did not open ({exc}); clients call it through Ray",
+                          file=sys.stderr)
+                else:
+                    self._channel = {"node": ray.get_runtime_context().get_node_id(), "address": addr,
+                                     "token": token}
         return self._setup | {"channel": self._channel}
 
     async def tail_state(self, cut: int) -> dict[str, np.ndarray]:
