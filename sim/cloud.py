@@ -439,8 +439,7 @@ class CloudActor:
         """Everything the cloud holds between rounds: tails, their optimisers, the view's index
         (its arrays are in the shards :meth:`flush` wrote), and
         a hijacking cloud's FSHA networks (tensors, as the optimisers' states)."""
-        self._settle()
-        return {"tails": {cut: state_to_numpy(t) for cut, t in self.tails.items()},
+        return {"tails": await self.all_tail_states(),
                 "optimizers": {cut: o.state_dict() for cut, o in self.optimizers.items()},
                 "store": self.store.state(),
                 "hijackers": {cut: h.state() for cut, h in self.hijackers.items()}}
